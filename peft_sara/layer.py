@@ -1,0 +1,315 @@
+"""SaRA tuner layers: a sparse additive update on the small-magnitude entries of a frozen weight.
+
+Each adapter keeps two tensors per layer: `sara_indices`, the sorted flat positions of the trainable entries (saved
+with the adapter, never recomputed from the base at load time), and `sara_values`, the trainable fp32 update at those
+positions. The forward pass builds the effective weight W + scatter(values) for one layer at a time and the backward
+pass gathers the dense weight gradient at the positions ("unstructured backpropagation"): no dense weight copy is
+kept for the backward pass and no dense weight gradient outlives its layer's backward step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import SaRAConfig
+
+INDEX_DTYPE_LIMIT = 2**31 - 1
+
+
+def select_small_entries(tensor: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Sorted flat positions of the entries with |w| < threshold, compared in fp32 whatever the tensor's dtype."""
+    positions = (tensor.detach().float().abs() < threshold).view(-1).nonzero().squeeze(1)
+    index_dtype = torch.int32 if tensor.numel() <= INDEX_DTYPE_LIMIT else torch.int64
+    return positions.to(index_dtype)
+
+
+def _scatter_updates(
+    dense: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Return a copy of `dense` (in `dtype`, default its own) with every (indices, values, scale) update added."""
+    flat = dense.reshape(-1).to(dtype or dense.dtype, copy=True)
+    for indices, values, scale in updates:
+        flat.index_add_(0, indices, values.to(flat.dtype), alpha=scale)
+    return flat.view_as(dense)
+
+
+class _SparseWeightOp(torch.autograd.Function):
+    """y = op(x, W + Σ scatter(indices_a, scale_a · values_a), bias), differentiable in x, bias and the values only.
+
+    The effective weight is rebuilt in backward instead of being saved, and the dense weight gradient is gathered at
+    the indices and freed at once, so the extra memory is one weight-sized temporary at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, op, compute_dtype, scales, *indices_and_values):
+        effective = _scatter_updates(weight, _pair_updates(indices_and_values, scales), compute_dtype)
+        ctx.input_dtype, ctx.has_bias = x.dtype, bias is not None
+        x = x.to(compute_dtype)
+        output = op.forward(x, effective, None if bias is None else bias.to(compute_dtype))
+        del effective
+        ctx.op, ctx.scales, ctx.compute_dtype = op, scales, compute_dtype
+        ctx.save_for_backward(x, weight, *indices_and_values)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, *indices_and_values = ctx.saved_tensors
+        grad_output = grad_output.to(ctx.compute_dtype)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        needs_values = ctx.needs_input_grad[7::2]
+        grad_x = grad_weight = grad_bias = None
+        if needs_x:
+            effective = _scatter_updates(weight, _pair_updates(indices_and_values, ctx.scales), ctx.compute_dtype)
+            grad_x = ctx.op.input_grad(grad_output, x, effective).to(ctx.input_dtype)
+            del effective
+        grad_values = [None] * len(needs_values)
+        if needs_weight or any(needs_values):
+            dense_grad = ctx.op.weight_grad(grad_output, x, weight.shape).reshape(-1)
+            for position, needed in enumerate(needs_values):
+                if needed:
+                    indices = indices_and_values[2 * position]
+                    grad_values[position] = dense_grad.index_select(0, indices).float() * ctx.scales[position]
+            if needs_weight:
+                grad_weight = dense_grad.view(weight.shape).to(weight.dtype)
+            del dense_grad
+        if needs_bias and ctx.has_bias:
+            grad_bias = ctx.op.bias_grad(grad_output)
+        grads_of_pairs = [grad for value_grad in grad_values for grad in (None, value_grad)]
+        return (grad_x, grad_weight, grad_bias, None, None, None, *grads_of_pairs)
+
+
+def _pair_updates(indices_and_values, scales) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    return [(indices_and_values[2 * i], indices_and_values[2 * i + 1], scale) for i, scale in enumerate(scales)]
+
+
+class _LinearOp:
+    """Forward and gradient formulas of F.linear, in the dtype they are given."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def input_grad(grad_output, x, weight):
+        return grad_output @ weight
+
+    @staticmethod
+    def weight_grad(grad_output, x, weight_shape):
+        return grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+    @staticmethod
+    def bias_grad(grad_output):
+        return grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+
+
+class _Conv2dOp:
+    """Forward and gradient formulas of a zero-padded F.conv2d (other padding modes pad the input beforehand)."""
+
+    def __init__(self, stride, padding, dilation, groups):
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, x, weight, bias):
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _backward(self, grad_output, x, weight, mask):
+        return torch.ops.aten.convolution_backward(
+            grad_output, x, weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups, mask
+        )
+
+    def input_grad(self, grad_output, x, weight):
+        return self._backward(grad_output, x, weight, [True, False, False])[0]
+
+    def weight_grad(self, grad_output, x, weight_shape):
+        # convolution_backward reads only the weight's shape for the weight gradient: an expanded scalar costs nothing.
+        shape_only = grad_output.new_zeros(()).expand(weight_shape)
+        return self._backward(grad_output, x, shape_only, [False, True, False])[1]
+
+    @staticmethod
+    def bias_grad(grad_output):
+        return grad_output.sum((0, 2, 3))
+
+
+class SaRALayer(BaseTunerLayer):
+    """State and generic operations shared by the SaRA layers of every base type."""
+
+    adapter_layer_names = ("sara_values", "sara_bias_values")
+    other_param_names = ("sara_indices", "sara_bias_indices", "sara_scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.sara_values = nn.ParameterDict({})
+        self.sara_indices = BufferDict({}, persistent=True)
+        self.sara_bias_values = nn.ParameterDict({})
+        self.sara_bias_indices = BufferDict({}, persistent=True)
+        self.sara_scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base_layer = self.get_base_layer()
+        for attribute in ("in_features", "out_features", "in_channels", "out_channels"):
+            if hasattr(base_layer, attribute):
+                setattr(self, attribute, getattr(base_layer, attribute))
+
+    def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs) -> None:
+        """Select the trainable entries of this layer for `adapter_name` and create their zero update."""
+        base_layer = self.get_base_layer()
+        self._add_sparse_update(adapter_name, base_layer.weight, config, self.sara_indices, self.sara_values)
+        if config.include_bias and base_layer.bias is not None:
+            self._add_sparse_update(
+                adapter_name, base_layer.bias, config, self.sara_bias_indices, self.sara_bias_values
+            )
+        self.sara_scaling[adapter_name] = 1.0
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @staticmethod
+    def _add_sparse_update(adapter_name, base_tensor, config, index_dict, value_dict) -> None:
+        indices = select_small_entries(base_tensor, config.threshold)
+        if config.init_weights:
+            values = torch.zeros(indices.numel(), dtype=torch.float32, device=base_tensor.device)
+        else:
+            values = torch.randn(indices.numel(), dtype=torch.float32, device=base_tensor.device) * config.threshold
+        index_dict[adapter_name] = indices
+        value_dict[adapter_name] = nn.Parameter(values)
+
+    def _updates(self, adapter_names, index_dict, value_dict):
+        return [
+            (index_dict[name], value_dict[name], self.sara_scaling[name])
+            for name in adapter_names
+            if name in value_dict
+        ]
+
+    def _effective_bias(self, adapter_names) -> torch.Tensor | None:
+        bias = self.get_base_layer().bias
+        if bias is None:
+            return None
+        for indices, values, scale in self._updates(adapter_names, self.sara_bias_indices, self.sara_bias_values):
+            bias = bias.index_add(0, indices, values.to(bias.dtype), alpha=scale)
+        return bias
+
+    def _active_sara_adapters(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.sara_values]
+
+    # scaling, as diffusers' set_adapters(weights), fuse_lora(lora_scale) and the lora_scale kwargs use it
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.sara_scaling:
+            self.sara_scaling[adapter] = float(scale)
+
+    def scale_layer(self, scale: float) -> None:
+        for adapter in self._active_sara_adapters():
+            self.sara_scaling[adapter] *= scale
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        for adapter in self._active_sara_adapters():
+            self.sara_scaling[adapter] = 1.0 if scale is None else self.sara_scaling[adapter] / scale
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The dense update of the weight for one adapter, in the base weight's dtype."""
+        weight = self.get_base_layer().weight
+        return _scatter_updates(
+            torch.zeros_like(weight), self._updates([adapter_name], self.sara_indices, self.sara_values)
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the updates of the given (default: active) adapters into the base weight and bias."""
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sara_values]
+        base_layer = self.get_base_layer()
+        for name in adapter_names:
+            weight_updates = self._updates([name], self.sara_indices, self.sara_values)
+            bias_updates = self._updates([name], self.sara_bias_indices, self.sara_bias_values)
+            merged_weight = _scatter_updates(base_layer.weight.data, weight_updates)
+            merged_bias = _scatter_updates(base_layer.bias.data, bias_updates) if bias_updates else None
+            if safe_merge and not (
+                torch.isfinite(merged_weight).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
+            ):
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            base_layer.weight.data.copy_(merged_weight)
+            if merged_bias is not None:
+                base_layer.bias.data.copy_(merged_bias)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract the merged updates from the base weight and bias, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base_layer = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            for indices, values, scale in self._updates([name], self.sara_indices, self.sara_values):
+                base_layer.weight.data.view(-1).index_add_(
+                    0, indices, values.to(base_layer.weight.dtype), alpha=-scale
+                )
+            for indices, values, scale in self._updates([name], self.sara_bias_indices, self.sara_bias_values):
+                base_layer.bias.data.index_add_(0, indices, values.to(base_layer.bias.dtype), alpha=-scale)
+
+    def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
+        base_layer = self.get_base_layer()
+        weight = base_layer.weight
+        updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
+        compute_dtype = weight.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        indices_and_values = [tensor for indices, values, _ in updates for tensor in (indices, values)]
+        scales = tuple(scale for _, _, scale in updates)
+        return _SparseWeightOp.apply(
+            x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, *indices_and_values
+        )
+
+    def _base_or_sparse_forward(self, x: torch.Tensor, op_factory, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = self._active_sara_adapters()
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self._sparse_forward(*op_factory(x), active)
+
+
+class Linear(nn.Module, SaRALayer):
+    """SaRA on an `nn.Linear`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs) -> None:
+        super().__init__()
+        SaRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._base_or_sparse_forward(x, lambda inputs: (inputs, _LinearOp), *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sara." + super().__repr__()
+
+
+class Conv2d(nn.Module, SaRALayer):
+    """SaRA on an `nn.Conv2d` of any kernel, stride, padding (and padding mode), dilation and groups."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs) -> None:
+        super().__init__()
+        SaRALayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _padded_input_and_op(self, x: torch.Tensor):
+        """Apply non-zero or string padding to the input here, so that the sparse op only sees zero padding."""
+        conv = self.get_base_layer()
+        if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+            return x, _Conv2dOp(conv.stride, conv.padding, conv.dilation, conv.groups)
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        return x, _Conv2dOp(conv.stride, (0, 0), conv.dilation, conv.groups)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._base_or_sparse_forward(x, self._padded_input_and_op, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sara." + super().__repr__()

@@ -1,0 +1,205 @@
+"""The SaRA tuner: which modules get a SaRA layer, and how a saved adapter is fitted back onto them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+
+from .config import SaRAConfig
+from .layer import Conv2d, Linear, SaRALayer
+
+SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
+# (indices attribute, values attribute, name of the base layer's tensor they update)
+SPARSE_UPDATES = (("sara_indices", "sara_values", "weight"), ("sara_bias_indices", "sara_bias_values", "bias"))
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return type(_base_layer(module)) in SUPPORTED_LAYERS
+
+
+def threshold_for_fraction(tensors: list[torch.Tensor], fraction: float) -> float:
+    """Smallest θ such that at least `fraction` of all entries of `tensors` have |w| < θ.
+
+    Bisection over the bit patterns of non-negative fp32 numbers, which order like the numbers: exact, and it never
+    holds more than one tensor's copy at a time, unlike a global sort.
+    """
+    total = sum(tensor.numel() for tensor in tensors)
+    wanted = max(1, round(fraction * total))
+
+    def count_below(bits: int) -> int:
+        return sum(int((tensor.detach().float().abs().view(torch.int32) < bits).sum()) for tensor in tensors)
+
+    low, high = 0, 0x7F800000  # +inf
+    while low < high:
+        middle = (low + high) // 2
+        if count_below(middle) >= wanted:
+            high = middle
+        else:
+            low = middle + 1
+    return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
+
+
+class SaRAModel(BaseTuner):
+    """Injects SaRA layers into a model (see `SaRAConfig`); created by `get_peft_model` or diffusers' `add_adapter`.
+
+    Every `nn.Linear` and `nn.Conv2d` is targeted unless `target_modules` says otherwise. Before any module is
+    replaced, the targets are checked (supported types only) and the threshold is resolved and checked to select at
+    least one entry, so a bad configuration leaves the model untouched.
+    """
+
+    prefix: str = "sara_"
+    tuner_layer_cls = SaRALayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
+        # The default looks up target modules by transformers' `model_type`, which diffusers models lack; SaRA's
+        # default (every Linear and Conv2d) is resolved in `_prepare_model`, which sees the model.
+        return peft_config
+
+    def _prepare_model(self, peft_config: SaRAConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = {
+                name for name, module in self._candidate_modules(model) if _is_supported(module)
+            }
+        targets = [
+            (name, module)
+            for name, module in self._candidate_modules(model)
+            if check_target_module_exists(peft_config, name)
+        ]
+        unsupported = sorted(
+            f"{name} ({type(_base_layer(module)).__name__})" for name, module in targets if not _is_supported(module)
+        )
+        if unsupported:
+            raise ValueError(
+                f"SaRA supports nn.Linear and nn.Conv2d layers, but target_modules also matches: "
+                f"{', '.join(unsupported[:10])}{' ...' if len(unsupported) > 10 else ''}. Narrow `target_modules` "
+                "or list these in `exclude_modules`."
+            )
+        if not targets:
+            return  # peft's injection raises its own clear error for targets that match nothing
+        weights = [_base_layer(module).weight for _, module in targets]
+        if peft_config.target_fraction is not None:
+            peft_config.threshold = threshold_for_fraction(weights, peft_config.target_fraction)
+        selected = sum(int((weight.detach().float().abs() < peft_config.threshold).sum()) for weight in weights)
+        if selected == 0:
+            smallest = min(float(weight.detach().float().abs().min()) for weight in weights)
+            raise ValueError(
+                f"threshold={peft_config.threshold:g} selects no weight entry in the {len(targets)} targeted modules "
+                f"(the smallest |w| is {smallest:.3g}). Raise `threshold` above that, or set `target_fraction` "
+                "(e.g. 0.058) to pick it from the share of entries to train."
+            )
+
+    def _candidate_modules(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """Named modules that can be targeted: every module except those inside an existing tuner layer."""
+        tuner_layer_prefixes: list[str] = []
+        for name, module in model.named_modules():
+            if not name or any(name.startswith(prefix) for prefix in tuner_layer_prefixes):
+                continue
+            if isinstance(module, BaseTunerLayer):
+                tuner_layer_prefixes.append(name + ".")
+            yield name, module
+
+    def _create_and_replace(
+        self,
+        peft_config: SaRAConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        if isinstance(target, SaRALayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = self._create_new_module(peft_config, adapter_name, target)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until it is made active
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(peft_config: SaRAConfig, adapter_name: str, target: nn.Module) -> nn.Module:
+        layer_cls = SUPPORTED_LAYERS.get(type(_base_layer(target)))
+        if layer_cls is None:
+            raise ValueError(
+                f"SaRA supports nn.Linear and nn.Conv2d layers, got {type(_base_layer(target)).__name__}."
+            )
+        return layer_cls(target, adapter_name, peft_config)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SaRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Fit each SaRA layer to the positions saved in the adapter, after checking them against this base model.
+
+        The layers were created with positions selected from the base model in hand, which may differ from the one
+        the adapter was trained on (another dtype breaks ties at θ differently): the saved positions are the truth,
+        so the layers are resized to them before peft copies the tensors in.
+        """
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected_keys, missing = set(), []
+        for module_name, module in model.named_modules():
+            if not isinstance(module, SaRALayer):
+                continue
+            for index_attr, value_attr, tensor_name in SPARSE_UPDATES:
+                if adapter_name not in getattr(module, value_attr):
+                    continue
+                index_key = f"{module_name}.{index_attr}.{adapter_name}"
+                value_key = f"{module_name}.{value_attr}.{adapter_name}"
+                expected_keys.update((index_key, value_key))
+                if index_key not in state_dict or value_key not in state_dict:
+                    missing.append(f"{module_name} ({tensor_name})")
+                    continue
+                base_tensor = getattr(module.get_base_layer(), tensor_name)
+                indices, values = state_dict[index_key], state_dict[value_key]
+                _check_saved_update(f"{module_name}.{tensor_name}", indices, values, base_tensor)
+                state_dict[value_key] = values.float()
+                getattr(module, index_attr)[adapter_name] = torch.empty_like(indices, device=base_tensor.device)
+                old_values = getattr(module, value_attr)[adapter_name]
+                getattr(module, value_attr)[adapter_name] = nn.Parameter(
+                    torch.empty(values.numel(), dtype=torch.float32, device=base_tensor.device),
+                    requires_grad=old_values.requires_grad,
+                )
+        unexpected = sorted(key for key in state_dict if f".{cls.prefix}" in key and key not in expected_keys)
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append(f"no saved update for {len(missing)} targeted module(s), e.g. {missing[:3]}")
+            if unexpected:
+                problems.append(
+                    f"{len(unexpected)} saved tensor(s) for modules not in this model, e.g. {unexpected[:3]}"
+                )
+            raise ValueError(
+                f"The SaRA adapter does not fit this model: {'; '.join(problems)}. Load it onto the base model it was "
+                "trained on (same architecture and module names)."
+            )
+        return state_dict
+
+
+def _check_saved_update(name: str, indices: torch.Tensor, values: torch.Tensor, base_tensor: torch.Tensor) -> None:
+    """Refuse saved positions that cannot belong to `base_tensor`: a wrong base model or a damaged file."""
+    problem = None
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+        problem = f"positions must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}"
+    elif not values.is_floating_point() or values.shape != indices.shape:
+        problem = f"{tuple(values.shape)} values for {indices.numel()} positions"
+    elif indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= base_tensor.numel()):
+        problem = (
+            f"positions up to {int(indices.max())} do not fit its {base_tensor.numel()} entries "
+            f"(shape {tuple(base_tensor.shape)})"
+        )
+    elif indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        problem = "positions are not strictly increasing"
+    elif not bool(torch.isfinite(values).all()):
+        problem = "values are not all finite"
+    if problem:
+        raise ValueError(
+            f"The SaRA adapter does not fit {name}: {problem}. The adapter was trained on another base model, or "
+            "its file is damaged."
+        )

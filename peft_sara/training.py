@@ -1,0 +1,227 @@
+"""SaRA's training-time behaviour: the nuclear-norm regulariser and the progressive re-selection of the trainable set.
+
+Both act inside `optimizer.step()` through the optimizer's step hooks, so a training loop needs one extra line,
+`peft_sara.attach(model, optimizer)`, and steps that do not happen (gradient accumulation, a gradient-scaler step
+skipped for inf/NaN gradients) do nothing. Decisions depend only on the step count, the seed and the (identical)
+parameters, so every process of a distributed run takes the same ones, and a resumed run takes them again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import SaRAConfig
+from .layer import SaRALayer
+
+
+def paper_learning_rate(threshold: float) -> float:
+    """The paper's learning rate for a threshold: 1e-3 · exp(-350 · θ) (θ = 2e-3 gives 4.97e-4)."""
+    return 1e-3 * math.exp(-350 * threshold)
+
+
+@dataclass
+class _TrainedUpdate:
+    """One adapter's trainable update in one layer."""
+
+    key: str
+    layer: SaRALayer
+    adapter: str
+    config: SaRAConfig
+
+    @property
+    def values(self) -> nn.Parameter:
+        return self.layer.sara_values[self.adapter]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.layer.sara_indices[self.adapter]
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.layer.get_base_layer().weight
+
+    def effective_values(self) -> torch.Tensor:
+        """fp32 value of the weight at the trainable positions: base + scale · update."""
+        base = self.base_weight.detach().reshape(-1).index_select(0, self.indices).float()
+        return base + self.layer.sara_scaling[self.adapter] * self.values.detach()
+
+
+class SaRATraining:
+    """Handle returned by `attach`: step count, last regulariser value, and state for checkpoints.
+
+    Register it with `accelerator.register_for_checkpointing(...)` (or save `state_dict()` yourself) so that a resumed
+    run keeps the progressive step's frozen set and the regulariser's schedule.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+        self.optimizer = _unwrap_optimizer(optimizer)
+        if getattr(self.optimizer, "_sara_training", None) is not None:
+            raise ValueError("peft_sara.attach was already called for this optimizer; call it once per optimizer.")
+        self.updates = _trained_updates(model)
+        held = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
+        not_held = [update.key for update in self.updates if id(update.values) not in held]
+        if not_held:
+            raise ValueError(
+                f"The optimizer does not hold the SaRA parameters of {len(not_held)} layer(s), e.g. {not_held[:2]}. "
+                "Create the optimizer from the model's parameters after get_peft_model/add_adapter."
+            )
+        self.step = 0
+        self.last_rank_loss: torch.Tensor | None = None
+        self._frozen: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+        self.optimizer._sara_training = self
+
+    @property
+    def rank_loss(self) -> float:
+        """λ‖P_M‖_* of the layer regularised at the last step (0.0 when none was)."""
+        return 0.0 if self.last_rank_loss is None else float(self.last_rank_loss)
+
+    @property
+    def frozen_fraction(self) -> float:
+        """Share of the original trainable entries frozen by the progressive step."""
+        total = sum(update.values.numel() for update in self.updates)
+        frozen = sum(positions.numel() for positions, _, _ in self._frozen.values())
+        return frozen / total if total else 0.0
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.last_rank_loss = None
+        by_config: dict[int, list[_TrainedUpdate]] = {}
+        for update in self.updates:
+            by_config.setdefault(id(update.config), []).append(update)
+        for updates in by_config.values():
+            config = updates[0].config
+            if config.lambda_rank == 0:
+                continue
+            eligible = [
+                update
+                for update in updates
+                if update.base_weight.dim() == 2 and min(update.base_weight.shape) > config.rank_min_dim
+            ]
+            if not eligible:
+                continue
+            generator = torch.Generator().manual_seed(config.rank_seed * 1_000_003 + self.step)
+            chosen = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
+            loss = self._add_nuclear_norm_subgradient(chosen, config.lambda_rank)
+            self.last_rank_loss = loss if self.last_rank_loss is None else self.last_rank_loss + loss
+
+    @staticmethod
+    def _add_nuclear_norm_subgradient(update: _TrainedUpdate, weight: float) -> torch.Tensor:
+        """Add weight · ∂‖P_M‖_*/∂update = weight · scale · (U Vᵀ)[M] to the update's gradient.
+
+        Returns weight · ‖P_M‖_*, the regulariser's value.
+        """
+        masked = torch.zeros(update.base_weight.shape, dtype=torch.float32, device=update.values.device)
+        masked.view(-1).index_copy_(0, update.indices, update.effective_values())
+        u, singular_values, vh = torch.linalg.svd(masked, full_matrices=False)
+        subgradient = (u @ vh).view(-1).index_select(0, update.indices)
+        subgradient.mul_(weight * update.layer.sara_scaling[update.adapter])
+        values = update.values
+        values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
+        return weight * singular_values.sum()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.step += 1
+        for key, (positions, frozen_values, _) in self._frozen.items():
+            self._update_by_key(key).values.data.index_copy_(0, positions, frozen_values)
+        for update in self.updates:
+            if update.config.progressive_step == self.step and update.key not in self._frozen:
+                still_small = update.effective_values().abs() < update.config.threshold
+                self._freeze(update, (~still_small).nonzero().squeeze(1))
+
+    def _freeze(self, update: _TrainedUpdate, positions: torch.Tensor) -> None:
+        """Keep `positions` of the update at their current values for good, and give them no gradient."""
+        values = update.values
+        positions = positions.to(values.device)
+        handle = values.register_hook(lambda grad: grad.index_fill(0, positions, 0))
+        self._frozen[update.key] = (positions, values.detach().index_select(0, positions), handle)
+
+    def _update_by_key(self, key: str) -> _TrainedUpdate:
+        return next(update for update in self.updates if update.key == key)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "frozen_positions": {key: positions.cpu() for key, (positions, _, _) in self._frozen.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state; the model's SaRA values must be loaded already (accelerate does so)."""
+        for _, _, handle in self._frozen.values():
+            handle.remove()
+        self._frozen = {}
+        self.step = int(state["step"])
+        keys = {update.key for update in self.updates}
+        unknown = sorted(set(state["frozen_positions"]) - keys)
+        if unknown:
+            raise ValueError(f"The SaRA training state names layers this model lacks, e.g. {unknown[:2]}.")
+        for key, positions in state["frozen_positions"].items():
+            self._freeze(self._update_by_key(key), positions)
+
+    def detach(self) -> None:
+        """Remove the hooks: the optimizer steps like a plain one again."""
+        for handle in self._handles:
+            handle.remove()
+        for _, _, handle in self._frozen.values():
+            handle.remove()
+        self.optimizer._sara_training = None
+
+
+def attach(model: nn.Module, optimizer: Any) -> SaRATraining:
+    """Make `optimizer.step()` apply SaRA's regulariser and progressive step to the model's trainable SaRA adapters.
+
+    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate;
+    `optimizer` a torch optimizer or one wrapped by accelerate.
+    """
+    return SaRATraining(model, optimizer)
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(
+            f"attach needs a torch optimizer (or one wrapped by accelerate), got {type(optimizer).__name__}."
+        )
+    return optimizer
+
+
+def _peft_configs(model: nn.Module) -> dict[str, Any]:
+    for module in model.modules():
+        configs = getattr(module, "peft_config", None)
+        if isinstance(configs, dict):
+            return configs
+    return {}
+
+
+def _trained_updates(model: nn.Module) -> list[_TrainedUpdate]:
+    configs = _peft_configs(model)
+    updates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, SaRALayer):
+            continue
+        for adapter, values in module.sara_values.items():
+            if values.requires_grad and isinstance(configs.get(adapter), SaRAConfig):
+                key = f"{_canonical_module_name(name)}:{adapter}"
+                updates.append(_TrainedUpdate(key, module, adapter, configs[adapter]))
+    if not updates:
+        raise ValueError(
+            "The model has no trainable SaRA adapter: create one with get_peft_model(model, SaRAConfig(...)) or "
+            "model.add_adapter(SaRAConfig(...)), and do not load it in inference mode."
+        )
+    return updates
+
+
+def _canonical_module_name(name: str) -> str:
+    """Module name without the wrappers' prefixes, so that checkpoints match with or without DDP/compile/PeftModel."""
+    for prefix in ("module.", "_orig_mod.", "base_model.model."):
+        while name.startswith(prefix):
+            name = name.removeprefix(prefix)
+    return name
