@@ -169,6 +169,14 @@ class SaRALayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """Follow the base layer's device, but keep the values in fp32 whatever the base dtype (peft casts them)."""
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        for value_dict in (self.sara_values, self.sara_bias_values):
+            values = value_dict.get(adapter_name)
+            if values is not None and values.device.type != "meta" and values.dtype != torch.float32:
+                value_dict[adapter_name] = nn.Parameter(values.float(), requires_grad=values.requires_grad)
+
     @staticmethod
     def _add_sparse_update(adapter_name, base_tensor, config, index_dict, value_dict) -> None:
         indices = select_small_entries(base_tensor, config.threshold)

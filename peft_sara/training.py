@@ -119,7 +119,7 @@ class SaRATraining:
         Returns weight · ‖P_M‖_*, the regulariser's value.
         """
         masked = torch.zeros(update.base_weight.shape, dtype=torch.float32, device=update.values.device)
-        masked.view(-1).index_copy_(0, update.indices, update.effective_values())
+        masked.view(-1).index_add_(0, update.indices, update.effective_values())
         u, singular_values, vh = torch.linalg.svd(masked, full_matrices=False)
         subgradient = (u @ vh).view(-1).index_select(0, update.indices)
         subgradient.mul_(weight * update.layer.sara_scaling[update.adapter])

@@ -1,0 +1,162 @@
+"""Tiny models built from configs, so that every test runs offline in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import peft_sara  # noqa: F401  (registers SaRA)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+class MLPConv(nn.Module):
+    """A small model with every supported layer kind and an unsupported one (the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.lin0 = nn.Linear(8 * 4 * 4, 32)
+        self.lin1 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.conv(x)).flatten(1)
+        return self.lin1(torch.relu(self.lin0(hidden)))
+
+
+@pytest.fixture
+def mlp() -> MLPConv:
+    torch.manual_seed(0)
+    return MLPConv()
+
+
+@pytest.fixture
+def mlp_input() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(5, 3, 4, 4)
+
+
+def tiny_unet(sdxl_style: bool = False):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    extra = {}
+    if sdxl_style:  # SDXL: linear projections, added text/time conditioning, several transformer layers per block
+        extra = {
+            "use_linear_projection": True,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 8,
+            "transformer_layers_per_block": (1, 2),
+        }
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D")
+        if not sdxl_style
+        else ("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D") if not sdxl_style else ("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        **extra,
+    )
+
+
+def unet_inputs(unet, batch: int = 2, seed: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {
+        "sample": torch.randn(batch, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor([10, 500][:batch] + [1] * max(0, batch - 2)),
+        "encoder_hidden_states": torch.randn(batch, 6, 32, generator=generator),
+    }
+    if unet.config.addition_embed_type == "text_time":
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 32, generator=generator),
+            "time_ids": torch.randn(batch, 6, generator=generator),
+        }
+    return inputs
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet()
+
+
+def tiny_sd3_transformer():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+
+
+def tiny_clip_text_model():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=514,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=94,
+        eos_token_id=95,
+        pad_token_id=95,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_pipeline():
+    """A complete, tiny StableDiffusionPipeline (tokenizer, CLIP text encoder, VAE, UNet, scheduler)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    vocab = {token: index for index, token in enumerate([chr(c) for c in range(33, 127)])}
+    for token in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=tiny_clip_text_model(),
+        tokenizer=tokenizer,
+        unet=tiny_unet(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

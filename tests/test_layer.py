@@ -1,0 +1,221 @@
+"""SaRA layers: selection, no-op init, sparse backward against dense autograd, dtypes, merge and scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from torch import nn
+
+from peft_sara import SaRAConfig
+from peft_sara.layer import Conv2d, Linear, select_small_entries
+
+
+def sara_layer(base: nn.Module, threshold: float = 0.1, init_weights: bool = False, **config) -> nn.Module:
+    torch.manual_seed(3)
+    base.requires_grad_(False)  # as the tuner does
+    layer_cls = Linear if isinstance(base, nn.Linear) else Conv2d
+    return layer_cls(base, "default", SaRAConfig(threshold=threshold, init_weights=init_weights, **config))
+
+
+def dense_reference(layer, x: torch.Tensor, grad_output: torch.Tensor):
+    """Output and gradients from plain autograd on the dense effective weight (what the sparse backward must match)."""
+    base = layer.get_base_layer()
+    weight = base.weight.detach().clone().requires_grad_(True)
+    indices = layer.sara_indices["default"].long()
+    effective = weight + torch.zeros_like(weight).view(-1).index_add(
+        0, indices, layer.sara_values["default"].detach()
+    ).view_as(weight)
+    x = x.detach().clone().requires_grad_(True)
+    if isinstance(base, nn.Linear):
+        output = F.linear(x, effective, base.bias)
+    else:
+        output = base._conv_forward(x, effective, base.bias)
+    output.backward(grad_output)
+    return output.detach(), x.grad, weight.grad.view(-1)[indices]
+
+
+def test_selection_is_exactly_the_small_entries_in_fp32():
+    weight = torch.tensor([[0.5, -0.01, 0.02], [-0.03, 0.0, 0.2]])
+    assert select_small_entries(weight, 0.025).tolist() == [1, 2, 4]
+    # the comparison is made in fp32, so an fp16 weight selects what its fp32 value selects
+    half = torch.tensor([0.0999755859375, 0.10009765625], dtype=torch.float16)
+    assert select_small_entries(half, 0.1).tolist() == [0]
+    assert select_small_entries(weight, 0.025).dtype == torch.int32
+
+
+def test_trainable_count_equals_small_entries():
+    base = nn.Linear(40, 30)
+    layer = sara_layer(base, threshold=0.05)
+    expected = int((base.weight.abs() < 0.05).sum())
+    assert layer.sara_values["default"].numel() == expected
+    assert layer.sara_values["default"].dtype == torch.float32
+    assert torch.equal(layer.sara_indices["default"].long(), (base.weight.abs() < 0.05).view(-1).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize(
+    "base",
+    [
+        nn.Linear(12, 9),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.Conv2d(4, 6, (3, 1), stride=2, padding=(2, 0), dilation=2),
+        nn.Conv2d(4, 8, 3, groups=2, padding="same"),
+        nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 6, 1, bias=False),
+        nn.Conv2d(4, 6, 2, stride=2, padding="valid"),
+    ],
+    ids=["linear", "conv3x3", "conv-strided-dilated", "conv-groups-same", "conv-reflect", "conv1x1-nobias", "valid"],
+)
+def test_sparse_backward_matches_dense_autograd(base):
+    torch.manual_seed(0)
+    layer = sara_layer(base, threshold=0.15)
+    shape = (3, 5, 12) if isinstance(base, nn.Linear) else (2, 4, 9, 9)
+    x = torch.randn(shape, requires_grad=True)
+    output = layer(x)
+    grad_output = torch.randn_like(output)
+    output.backward(grad_output)
+    expected_output, expected_x_grad, expected_values_grad = dense_reference(layer, x, grad_output)
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(x.grad, expected_x_grad)
+    torch.testing.assert_close(layer.sara_values["default"].grad, expected_values_grad)
+    assert base.weight.grad is None
+
+
+def test_gradcheck_in_double_precision():
+    base = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    layer = sara_layer(base, threshold=0.2)
+    values = layer.sara_values["default"]
+    x = torch.randn(1, 2, 5, 5, dtype=torch.double, requires_grad=True)
+
+    def run(x_in, values_in):
+        layer.sara_values["default"].data = values_in.detach()
+        return layer._sparse_forward(*layer._padded_input_and_op(x_in), ["default"])
+
+    # gradcheck through the op: perturb x and the values, compare numerical and analytical gradients
+    op_inputs = (x, values.detach().double().requires_grad_(True))
+
+    def function(x_in, values_in):
+        from peft_sara.layer import _Conv2dOp, _SparseWeightOp
+
+        op = _Conv2dOp(base.stride, base.padding, base.dilation, base.groups)
+        indices = layer.sara_indices["default"]
+        return _SparseWeightOp.apply(x_in, base.weight, base.bias, op, torch.double, (1.0,), indices, values_in)
+
+    assert torch.autograd.gradcheck(function, op_inputs)
+    assert run(x, values).shape == (1, 3, 3, 3)
+
+
+def test_bias_entries_train_sparsely():
+    base = nn.Linear(6, 50)
+    layer = sara_layer(base, threshold=0.1, include_bias=True)
+    bias_indices = layer.sara_bias_indices["default"].long()
+    assert torch.equal(bias_indices, (base.bias.abs() < 0.1).nonzero().squeeze(1))
+    output = layer(torch.randn(4, 6))
+    output.sum().backward()
+    bias_grad = layer.sara_bias_values["default"].grad
+    assert torch.allclose(bias_grad, torch.full_like(bias_grad, 4.0))
+
+
+def test_init_weights_true_is_an_exact_no_op():
+    base = nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6)
+    expected = base(x)
+    layer = sara_layer(base, threshold=0.2, init_weights=True)
+    assert torch.equal(layer(x), expected)
+    assert torch.count_nonzero(layer.sara_values["default"]) == 0
+
+
+def test_no_dense_weight_copy_is_saved_for_backward():
+    base = nn.Linear(256, 256)
+    layer = sara_layer(base, threshold=0.05)
+    weight_size = base.weight.numel()
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    x = torch.randn(2, 256, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = layer(x)
+    weight_sized = [t for t in saved if t.numel() >= weight_size]
+    # the only weight-sized tensor kept is the base weight itself (a reference, not a copy)
+    assert len(weight_sized) == 1 and weight_sized[0].data_ptr() == base.weight.data_ptr()
+    output.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base_keeps_fp32_values(dtype):
+    base = nn.Linear(16, 8).to(dtype)
+    layer = sara_layer(base, threshold=0.1)
+    x = torch.randn(4, 16, dtype=dtype, requires_grad=True)
+    output = layer(x)
+    assert output.dtype == dtype
+    output.float().sum().backward()
+    assert layer.sara_values["default"].dtype == torch.float32
+    assert layer.sara_values["default"].grad.dtype == torch.float32
+    assert x.grad.dtype == dtype
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    base = nn.Linear(16, 8)
+    layer = sara_layer(base, threshold=0.1)
+    x = torch.randn(4, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(x)
+    assert output.dtype == torch.bfloat16
+    output.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    _, _, expected_grad = dense_reference(layer, x, torch.ones(4, 8))
+    torch.testing.assert_close(layer.sara_values["default"].grad, expected_grad, rtol=0.05, atol=0.05)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(unet):
+    from conftest import unet_inputs
+
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False))
+    inputs = unet_inputs(unet)
+    model(**inputs).sample.square().mean().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    model(**inputs).sample.square().mean().backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, plain[name], msg=name)
+
+
+def test_merge_unmerge_and_safe_merge():
+    base = nn.Conv2d(3, 4, 3, padding=1)
+    original = base.weight.detach().clone()
+    layer = sara_layer(base, threshold=0.2)
+    x = torch.randn(1, 3, 5, 5)
+    adapted = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(base(x), adapted)
+    torch.testing.assert_close(layer(x), adapted)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original)
+    layer.sara_values["default"].data[0] = float("nan")
+    with pytest.raises(ValueError, match="NaNs detected"):
+        layer.merge(safe_merge=True)
+    torch.testing.assert_close(base.weight, original)
+
+
+def test_scale_multiplies_the_update():
+    base = nn.Linear(10, 10)
+    layer = sara_layer(base, threshold=0.2)
+    x = torch.randn(3, 10)
+    plain, adapted = base(x), layer(x)
+    layer.set_scale("default", 0.5)
+    torch.testing.assert_close(layer(x), plain + 0.5 * (adapted - plain))
+    layer.scale_layer(2.0)
+    torch.testing.assert_close(layer(x), adapted)
+    layer.unscale_layer()
+    assert layer.sara_scaling["default"] == 1.0
+    torch.testing.assert_close(
+        layer.get_delta_weight("default").view(-1).count_nonzero(), layer.sara_values["default"].count_nonzero()
+    )
