@@ -73,9 +73,10 @@ def peak_memory_bytes(device: str) -> int:
 
 def run_method(args: argparse.Namespace) -> dict:
     """Build the model, train a few steps with one method and report its figures (runs in a child process)."""
-    import peft_sara  # noqa: F401  (registers SaRA)
     from diffusers import UNet2DConditionModel
     from peft import get_peft_model
+
+    import peft_sara
 
     torch.manual_seed(0)
     device = args.device
