@@ -23,11 +23,15 @@ from .config import SaRAConfig
 INDEX_DTYPE_LIMIT = 2**31 - 1
 
 
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 positions (half the memory and disk of int64) unless the tensor is too large for them."""
+    return torch.int32 if numel <= INDEX_DTYPE_LIMIT else torch.int64
+
+
 def select_small_entries(tensor: torch.Tensor, threshold: float) -> torch.Tensor:
     """Sorted flat positions of the entries with |w| < threshold, compared in fp32 whatever the tensor's dtype."""
     positions = (tensor.detach().float().abs() < threshold).view(-1).nonzero().squeeze(1)
-    index_dtype = torch.int32 if tensor.numel() <= INDEX_DTYPE_LIMIT else torch.int64
-    return positions.to(index_dtype)
+    return positions.to(index_dtype_for(tensor.numel()))
 
 
 def _scatter_updates(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -9,11 +10,31 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .config import SaRAConfig
-from .layer import Conv2d, Linear, SaRALayer
+from .layer import Conv2d, Linear, SaRALayer, index_dtype_for
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
-# (indices attribute, values attribute, name of the base layer's tensor they update)
-SPARSE_UPDATES = (("sara_indices", "sara_values", "weight"), ("sara_bias_indices", "sara_bias_values", "bias"))
+# (positions attribute, values attribute, name of the base layer's tensor they update, name of the packed form)
+SPARSE_UPDATES = (
+    ("sara_indices", "sara_values", "weight", "sara_mask"),
+    ("sara_bias_indices", "sara_bias_values", "bias", "sara_bias_mask"),
+)
+BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)
+
+
+def pack_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
+    """Positions as a bitmask over the tensor's entries, 8 per byte.
+
+    Smaller than int32 positions when more than 1/32 of the entries are trainable: at the paper's 5.8% it takes
+    2.2 bytes per trainable value instead of 4.
+    """
+    bits = torch.zeros(math.ceil(numel / 8) * 8, dtype=torch.uint8, device=positions.device)
+    bits[positions.long()] = 1
+    return (bits.view(-1, 8) * BIT_WEIGHTS.to(bits.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_positions(mask: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = mask.unsqueeze(1).bitwise_right_shift(torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    return bits.view(-1).nonzero().squeeze(1).to(index_dtype_for(numel))
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -133,6 +154,30 @@ class SaRAModel(BaseTuner):
         return layer_cls(target, adapter_name, peft_config)
 
     @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: SaRAConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """Save each layer's positions as int32 positions or as a bitmask, whichever is smaller."""
+        state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for module_name, module in model.named_modules():
+            if not isinstance(module, SaRALayer):
+                continue
+            for index_attr, _, tensor_name, mask_attr in SPARSE_UPDATES:
+                index_key = f"{module_name}.{index_attr}.{adapter_name}"
+                if index_key not in state_dict:
+                    continue
+                numel = getattr(module.get_base_layer(), tensor_name).numel()
+                if math.ceil(numel / 8) < state_dict[index_key].nbytes:
+                    positions = state_dict.pop(index_key)
+                    state_dict[f"{module_name}.{mask_attr}.{adapter_name}"] = pack_positions(positions, numel)
+        return state_dict
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: SaRAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
@@ -147,18 +192,23 @@ class SaRAModel(BaseTuner):
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
                 continue
-            for index_attr, value_attr, tensor_name in SPARSE_UPDATES:
+            for index_attr, value_attr, tensor_name, mask_attr in SPARSE_UPDATES:
                 if adapter_name not in getattr(module, value_attr):
                     continue
                 index_key = f"{module_name}.{index_attr}.{adapter_name}"
                 value_key = f"{module_name}.{value_attr}.{adapter_name}"
                 expected_keys.update((index_key, value_key))
+                base_tensor = getattr(module.get_base_layer(), tensor_name)
+                name = f"{module_name.removeprefix('base_model.model.')}.{tensor_name}"
+                mask_key = cls._remove_adapter_name_from_key(f"{module_name}.{mask_attr}.{adapter_name}", adapter_name)
+                mask_key = next((k for k in (mask_key, "base_model.model." + mask_key) if k in state_dict), None)
+                if mask_key is not None:
+                    state_dict[index_key] = _unpack_saved_mask(name, state_dict.pop(mask_key), base_tensor)
                 if index_key not in state_dict or value_key not in state_dict:
                     missing.append(f"{module_name} ({tensor_name})")
                     continue
-                base_tensor = getattr(module.get_base_layer(), tensor_name)
                 indices, values = state_dict[index_key], state_dict[value_key]
-                _check_saved_update(f"{module_name}.{tensor_name}", indices, values, base_tensor)
+                _check_saved_update(name, indices, values, base_tensor)
                 state_dict[value_key] = values.float()
                 getattr(module, index_attr)[adapter_name] = torch.empty_like(indices, device=base_tensor.device)
                 old_values = getattr(module, value_attr)[adapter_name]
@@ -180,6 +230,16 @@ class SaRAModel(BaseTuner):
                 "trained on (same architecture and module names)."
             )
         return state_dict
+
+
+def _unpack_saved_mask(name: str, mask: torch.Tensor, base_tensor: torch.Tensor) -> torch.Tensor:
+    if mask.dtype != torch.uint8 or mask.shape != (math.ceil(base_tensor.numel() / 8),):
+        raise ValueError(
+            f"The SaRA adapter does not fit {name}: its position mask covers {mask.numel() * 8} entries, not "
+            f"{base_tensor.numel()} (shape {tuple(base_tensor.shape)}). The adapter was trained on another base "
+            "model, or its file is damaged."
+        )
+    return unpack_positions(mask, base_tensor.numel())
 
 
 def _check_saved_update(name: str, indices: torch.Tensor, values: torch.Tensor, base_tensor: torch.Tensor) -> None:

@@ -160,3 +160,21 @@ def tiny_pipeline():
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def fake_hub_repo(monkeypatch, cache_dir, repo_id: str, folder) -> None:
+    """Lay `folder` out as a cached Hub model repo and point huggingface_hub at that cache, offline.
+
+    This runs the real repo-id code paths (hf_hub_download resolving from the cache) without any network access.
+    """
+    import shutil
+
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

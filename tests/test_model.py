@@ -1,0 +1,335 @@
+"""The SaRA tuner through peft's and diffusers' generic API: injection, selection, saving, loading, adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import MLPConv, tiny_clip_text_model, tiny_sd3_transformer, tiny_unet, unet_inputs
+from peft import PeftConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_sara import SARA, SaRAConfig, SaRALayer
+from peft_sara.model import threshold_for_fraction
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def supported_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+
+
+def sara_layers(model: nn.Module) -> list[SaRALayer]:
+    return [m for m in model.modules() if isinstance(m, SaRALayer)]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [tiny_unet, lambda: tiny_unet(sdxl_style=True), tiny_sd3_transformer, tiny_clip_text_model],
+    ids=["unet-sd", "unet-sdxl", "sd3-transformer", "clip-text"],
+)
+def test_default_targets_every_linear_and_conv_with_exact_count(build):
+    model = build()
+    targets = supported_modules(model)
+    expected = sum(int((m.weight.float().abs() < 0.02).sum()) for m in targets.values())
+    peft_model = get_peft_model(model, SaRAConfig(threshold=0.02))
+    assert len(sara_layers(peft_model)) == len(targets)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == expected
+    assert all(name.endswith("sara_values.default") for name, p in peft_model.named_parameters() if p.requires_grad)
+    assert peft_model.get_nb_trainable_parameters()[0] == expected
+
+
+def test_init_is_a_no_op_on_a_unet(unet):
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = unet(**inputs).sample
+        adapted = get_peft_model(unet, SaRAConfig(threshold=0.02))(**inputs).sample
+    assert torch.equal(adapted, expected)
+
+
+def test_training_changes_only_masked_entries(unet):
+    original = {name: p.detach().clone() for name, p in unet.named_parameters()}
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    inputs = unet_inputs(unet)
+    for _ in range(3):
+        model(**inputs).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = model.merge_and_unload()
+    changed_anywhere = False
+    for name, param in merged.named_parameters():
+        moved = param.detach() != original[name]
+        if name.endswith(".weight") and moved.any():
+            changed_anywhere = True
+        assert not (moved & (original[name].abs() >= 0.02)).any(), name
+        if not name.endswith(".weight"):
+            assert not moved.any(), name  # biases and norms untouched without include_bias
+    assert changed_anywhere
+
+
+def test_target_modules_and_exclude_modules(mlp):
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, target_modules=["lin0", "conv"], exclude_modules=["conv"]))
+    assert [type(m).__name__ for m in (model.base_model.model.lin0, model.base_model.model.conv)] == [
+        "Linear",
+        "Conv2d",
+    ]
+    assert isinstance(model.base_model.model.lin0, SaRALayer)
+    assert not isinstance(model.base_model.model.conv, SaRALayer)
+    assert not isinstance(model.base_model.model.lin1, SaRALayer)
+
+
+def test_target_fraction_picks_the_smallest_threshold_reaching_it(unet):
+    weights = [m.weight for m in supported_modules(unet).values()]
+    total = sum(w.numel() for w in weights)
+    threshold = threshold_for_fraction(weights, 0.05)
+    count = sum(int((w.abs() < threshold).sum()) for w in weights)
+    below = torch.nextafter(torch.tensor(threshold), torch.tensor(0.0)).item()
+    assert count >= round(0.05 * total) > sum(int((w.abs() < below).sum()) for w in weights)
+    config = SaRAConfig(target_fraction=0.05)
+    model = get_peft_model(unet, config)
+    assert config.threshold == threshold
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(threshold=0.05, target_modules=["embed", "lin0"]), "supports nn.Linear and nn.Conv2d.*embed"),
+        (dict(threshold=1e-12), "selects no weight entry"),
+        (dict(threshold=0.05, target_modules=["nothing_like_this"]), "not found"),
+    ],
+    ids=["unsupported-type", "selects-nothing", "matches-nothing"],
+)
+def test_bad_configuration_is_refused_before_the_model_changes(mlp, config, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(mlp, SaRAConfig(**config))
+    assert not sara_layers(mlp)
+    assert all(p.requires_grad for p in mlp.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(threshold=0), "threshold must be a positive finite"),
+        (dict(threshold=-1e-3), "threshold must be a positive finite"),
+        (dict(threshold=float("nan")), "threshold must be a positive finite"),
+        (dict(threshold=float("inf")), "threshold must be a positive finite"),
+        (dict(target_fraction=1.5), "target_fraction"),
+        (dict(lambda_rank=-1.0), "lambda_rank"),
+        (dict(progressive_step=-5), "progressive_step"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SaRAConfig(**kwargs)
+
+
+def test_save_and_load_in_a_fresh_process(tmp_path, unet):
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False, progressive_step=10))
+    model.save_pretrained(tmp_path / "adapter")
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "check.pt")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "SARA" and config["threshold"] == 0.02 and config["progressive_step"] == 10
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(REPO_ROOT, "tests")!r})
+        import peft_sara
+        from peft import PeftConfig, PeftModel
+        from conftest import tiny_unet
+        config = PeftConfig.from_pretrained({str(tmp_path / "adapter")!r})
+        assert isinstance(config, peft_sara.SaRAConfig), type(config)
+        model = PeftModel.from_pretrained(tiny_unet(), {str(tmp_path / "adapter")!r})
+        check = torch.load({str(tmp_path / "check.pt")!r})
+        with torch.no_grad():
+            output = model(**check["inputs"]).sample
+        assert torch.equal(output, check["expected"]), (output - check["expected"]).abs().max()
+        assert not any(p.requires_grad for p in model.parameters())
+        print("loaded-identical")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert "loaded-identical" in result.stdout, result.stderr[-2000:]
+
+
+def test_peft_config_from_pretrained_needs_no_extra_step(tmp_path):
+    SaRAConfig(threshold=3e-3, lambda_rank=0.0).save_pretrained(tmp_path)
+    config = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(config, SaRAConfig) and config.peft_type == SARA
+    assert (config.threshold, config.lambda_rank) == (3e-3, 0.0)
+
+
+def test_adapter_trained_on_fp32_loads_onto_fp16_base_at_the_same_positions(tmp_path, unet):
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False))
+    model.save_pretrained(tmp_path)
+    trained = {name: module for name, module in model.named_modules() if isinstance(module, SaRALayer)}
+    half_base = tiny_unet().half()
+    half_selection = sum(int((m.weight.float().abs() < 0.02).sum()) for m in supported_modules(half_base).values())
+    assert half_selection != sum(p.numel() for p in model.parameters() if p.requires_grad)  # ties at θ moved
+    loaded = PeftModel.from_pretrained(half_base, tmp_path, is_trainable=True)
+    loaded_layers = {name: module for name, module in loaded.named_modules() if isinstance(module, SaRALayer)}
+    assert loaded_layers.keys() == trained.keys()
+    for name, module in loaded_layers.items():
+        assert torch.equal(module.sara_indices["default"], trained[name].sara_indices["default"]), name
+        assert module.sara_values["default"].dtype == torch.float32
+        assert torch.equal(module.sara_values["default"], trained[name].sara_values["default"])
+        assert module.sara_values["default"].requires_grad
+
+
+def test_adapter_size_on_disk(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    model = get_peft_model(base, SaRAConfig(threshold=0.01))
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(tmp_path / "fp32")
+    fp32_bytes = os.path.getsize(tmp_path / "fp32" / "adapter_model.safetensors")
+    assert fp32_bytes / count <= 8.0
+    model.to(torch.bfloat16)  # values saved in half precision: 6 bytes per value
+    model.save_pretrained(tmp_path / "bf16")
+    bf16_bytes = os.path.getsize(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert bf16_bytes / count <= 6.1
+    reloaded = PeftModel.from_pretrained(
+        nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)), tmp_path / "bf16"
+    )
+    assert reloaded.base_model.model[0].sara_values["default"].dtype == torch.float32
+
+
+def test_mismatched_base_and_damaged_files_are_refused(tmp_path, mlp):
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, target_modules=["lin0", "lin1"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    weights_file = tmp_path / "adapter_model.safetensors"
+    saved = load_file(weights_file)
+
+    class Wider(MLPConv):
+        def __init__(self):
+            super().__init__()
+            self.lin1 = nn.Linear(32, 2)
+
+    with pytest.raises(ValueError, match="does not fit lin1.weight: its position mask covers 128 entries, not 64"):
+        PeftModel.from_pretrained(Wider(), tmp_path)
+
+    class Missing(MLPConv):
+        def __init__(self):
+            super().__init__()
+            del self.lin1
+
+    with pytest.raises(ValueError, match="not in this model"):
+        PeftModel.from_pretrained(Missing(), tmp_path)
+
+    del saved["base_model.model.lin1.sara_values"]
+    save_file(saved, weights_file)
+    with pytest.raises(ValueError, match="no saved update for 1 targeted module"):
+        PeftModel.from_pretrained(MLPConv(), tmp_path)
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    saved.pop("base_model.model.lin1.sara_mask", None)
+    saved["base_model.model.lin1.sara_values"] = torch.zeros(3)
+    saved["base_model.model.lin1.sara_indices"] = torch.tensor([5, 3, 9], dtype=torch.int32)
+    save_file(saved, weights_file)
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        PeftModel.from_pretrained(MLPConv(), tmp_path)
+
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(Exception, match="(?i)deserializ|header|incomplete"):
+        PeftModel.from_pretrained(MLPConv(), tmp_path)
+
+
+def test_multiple_adapters_switch_weight_and_delete_cleanly(mlp, mlp_input):
+    base_output = mlp(mlp_input)
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, init_weights=False), adapter_name="first")
+    torch.manual_seed(5)
+    model.add_adapter("second", SaRAConfig(threshold=0.1, init_weights=False))
+    first_output = model(mlp_input)
+    assert not all(p.requires_grad for n, p in model.named_parameters() if "second" in n)
+    model.set_adapter("second")
+    second_output = model(mlp_input)
+    assert not torch.allclose(first_output, second_output)
+    assert all(p.requires_grad == ("second" in n) for n, p in model.named_parameters() if "sara_" in n)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(mlp_input), base_output)
+    model.set_adapter("first")
+    model.delete_adapter("second")
+    torch.testing.assert_close(model(mlp_input), first_output)
+    assert not any("second" in key for key in model.state_dict())
+    for layer in sara_layers(model):
+        for attribute in layer.adapter_layer_names + layer.other_param_names:
+            assert "second" not in getattr(layer, attribute)
+    assert list(model.peft_config) == ["first"]
+
+
+def test_merge_and_unload_and_unload(mlp, mlp_input):
+    base_output = mlp(mlp_input)
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, init_weights=False))
+    adapted = model(mlp_input)
+    merged = model.merge_and_unload(safe_merge=True)
+    assert not sara_layers(merged) and type(merged.lin0) is nn.Linear
+    torch.testing.assert_close(merged(mlp_input), adapted)
+    torch.manual_seed(0)
+    fresh = MLPConv()
+    unloaded = get_peft_model(fresh, SaRAConfig(threshold=0.05, init_weights=False)).unload()
+    assert not sara_layers(unloaded)
+    torch.testing.assert_close(unloaded(mlp_input), base_output)
+
+
+def test_diffusers_adapter_api(unet):
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        base_output = unet(**inputs).sample
+    originals = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False), adapter_name="style")
+    torch.manual_seed(9)
+    unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False), adapter_name="subject")
+    unet.set_adapter("style")
+    with torch.no_grad():
+        style_output = unet(**inputs).sample
+        unet.disable_adapters()
+        torch.testing.assert_close(unet(**inputs).sample, base_output)
+        unet.enable_adapters()
+        torch.testing.assert_close(unet(**inputs).sample, style_output)
+
+        # the paper merges two SaRA updates with weights 0.6 each
+        unet.set_adapters(["style", "subject"], weights=[0.6, 0.6])
+        combined = unet(**inputs).sample
+        layer = next(m for m in unet.modules() if isinstance(m, SaRALayer))
+        expected_delta = layer.get_delta_weight("style") + layer.get_delta_weight("subject")  # scales included
+        weight_name = next(n for n, m in unet.named_modules() if m is layer) + ".base_layer.weight"
+        unet.fuse_lora(lora_scale=0.5)
+        torch.testing.assert_close(
+            layer.get_base_layer().weight, originals[weight_name.replace(".base_layer", "")] + 0.5 * expected_delta
+        )
+        fused = unet(**inputs).sample
+        unet.unfuse_lora()
+        for name, param in unet.named_parameters():
+            if "base_layer" in name:
+                torch.testing.assert_close(param, originals[name.replace(".base_layer", "")])
+        unet.set_adapters(["style", "subject"], weights=[0.6, 0.6])
+        torch.testing.assert_close(unet(**inputs).sample, combined)
+        assert not torch.allclose(fused, combined)
+        unet.delete_adapters(["subject"])
+        unet.unload_lora()
+        torch.testing.assert_close(unet(**inputs).sample, base_output)
+
+
+def test_loads_from_a_hub_repo_id_through_the_cache(tmp_path, monkeypatch, unet):
+    from conftest import fake_hub_repo
+
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    fake_hub_repo(monkeypatch, tmp_path / "hub", "someone/sara-unet", tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_unet(), "someone/sara-unet")
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, expected)
