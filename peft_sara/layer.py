@@ -2,14 +2,16 @@
 
 Each adapter keeps two tensors per layer: `sara_indices`, the sorted flat positions of the trainable entries (saved
 with the adapter, never recomputed from the base at load time), and `sara_values`, the trainable fp32 update at those
-positions. The forward pass builds the effective weight W + scatter(values) for one layer at a time and the backward
-pass gathers the dense weight gradient at the positions ("unstructured backpropagation"): no dense weight copy is
-kept for the backward pass and no dense weight gradient outlives its layer's backward step.
+positions. The forward pass adds the update into the weight for the duration of one op and the backward pass gathers
+the dense weight gradient at the positions ("unstructured backpropagation"): no dense weight copy is kept for the
+backward pass and no dense weight gradient outlives its layer's backward step.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ def index_dtype_for(numel: int) -> torch.dtype:
 
 def select_small_entries(tensor: torch.Tensor, threshold: float) -> torch.Tensor:
     """Sorted flat positions of the entries with |w| < threshold, compared in fp32 whatever the tensor's dtype."""
-    positions = (tensor.detach().float().abs() < threshold).view(-1).nonzero().squeeze(1)
+    positions = (tensor.detach().float().abs() < threshold).reshape(-1).nonzero().squeeze(1)
     return positions.to(index_dtype_for(tensor.numel()))
 
 
@@ -44,20 +46,44 @@ def _scatter_updates(
     return flat.view_as(dense)
 
 
+@contextmanager
+def _weight_with_updates(
+    weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """The effective weight W + Σ scale · scatter(values), in `dtype`, valid inside the `with` block.
+
+    The updates are added into the weight's own storage and the original entries are put back afterwards (copied,
+    not subtracted, so the base weight is restored bit for bit). That costs a few passes over the positions instead of
+    a copy of the whole weight per call. Going through `.data` leaves autograd's version counter of the parameter
+    alone. A non-contiguous weight (channels_last) gets a patched copy instead.
+    """
+    if not weight.is_contiguous():
+        yield _scatter_updates(weight.detach(), updates, dtype)
+        return
+    flat = weight.data.view(-1)
+    originals = [(indices, flat.index_select(0, indices)) for indices, _, _ in updates]
+    try:
+        for indices, values, scale in updates:
+            flat.index_add_(0, indices, values.detach().to(flat.dtype), alpha=scale)
+        yield weight.data.to(dtype)
+    finally:
+        for indices, original in originals:
+            flat.index_put_((indices,), original)
+
+
 class _SparseWeightOp(torch.autograd.Function):
     """y = op(x, W + Σ scatter(indices_a, scale_a · values_a), bias), differentiable in x, bias and the values only.
 
     The effective weight is rebuilt in backward instead of being saved, and the dense weight gradient is gathered at
-    the indices and freed at once, so the extra memory is one weight-sized temporary at a time.
+    the indices and freed at once: the only weight-sized temporary is that gradient (plus a cast copy under autocast).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, op, compute_dtype, scales, *indices_and_values):
-        effective = _scatter_updates(weight, _pair_updates(indices_and_values, scales), compute_dtype)
         ctx.input_dtype, ctx.has_bias = x.dtype, bias is not None
         x = x.to(compute_dtype)
-        output = op.forward(x, effective, None if bias is None else bias.to(compute_dtype))
-        del effective
+        with _weight_with_updates(weight, _pair_updates(indices_and_values, scales), compute_dtype) as effective:
+            output = op.forward(x, effective, None if bias is None else bias.to(compute_dtype))
         ctx.op, ctx.scales, ctx.compute_dtype = op, scales, compute_dtype
         ctx.save_for_backward(x, weight, *indices_and_values)
         return output
@@ -70,9 +96,9 @@ class _SparseWeightOp(torch.autograd.Function):
         needs_values = ctx.needs_input_grad[7::2]
         grad_x = grad_weight = grad_bias = None
         if needs_x:
-            effective = _scatter_updates(weight, _pair_updates(indices_and_values, ctx.scales), ctx.compute_dtype)
-            grad_x = ctx.op.input_grad(grad_output, x, effective).to(ctx.input_dtype)
-            del effective
+            updates = _pair_updates(indices_and_values, ctx.scales)
+            with _weight_with_updates(weight, updates, ctx.compute_dtype) as effective:
+                grad_x = ctx.op.input_grad(grad_output, x, effective).to(ctx.input_dtype)
         grad_values = [None] * len(needs_values)
         if needs_weight or any(needs_values):
             dense_grad = ctx.op.weight_grad(grad_output, x, weight.shape).reshape(-1)
@@ -229,38 +255,36 @@ class SaRALayer(BaseTunerLayer):
             torch.zeros_like(weight), self._updates([adapter_name], self.sara_indices, self.sara_values)
         )
 
+    def _fold_into_base(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
+        """Add (sign=1) or subtract (sign=-1) one adapter's updates to the base weight and bias."""
+        base_layer = self.get_base_layer()
+        folded = {}
+        for tensor_name, index_dict, value_dict in (
+            ("weight", self.sara_indices, self.sara_values),
+            ("bias", self.sara_bias_indices, self.sara_bias_values),
+        ):
+            updates = [(i, v, sign * scale) for i, v, scale in self._updates([adapter_name], index_dict, value_dict)]
+            if updates:
+                folded[tensor_name] = _scatter_updates(getattr(base_layer, tensor_name).data, updates)
+        if check_finite and not all(torch.isfinite(tensor).all() for tensor in folded.values()):
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
+        for tensor_name, tensor in folded.items():
+            getattr(base_layer, tensor_name).data.copy_(tensor)
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the updates of the given (default: active) adapters into the base weight and bias."""
-        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sara_values]
-        base_layer = self.get_base_layer()
-        for name in adapter_names:
-            weight_updates = self._updates([name], self.sara_indices, self.sara_values)
-            bias_updates = self._updates([name], self.sara_bias_indices, self.sara_bias_values)
-            merged_weight = _scatter_updates(base_layer.weight.data, weight_updates)
-            merged_bias = _scatter_updates(base_layer.bias.data, bias_updates) if bias_updates else None
-            if safe_merge and not (
-                torch.isfinite(merged_weight).all() and (merged_bias is None or torch.isfinite(merged_bias).all())
-            ):
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            base_layer.weight.data.copy_(merged_weight)
-            if merged_bias is not None:
-                base_layer.bias.data.copy_(merged_bias)
-            self.merged_adapters.append(name)
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name in self.sara_values:
+                self._fold_into_base(name, 1.0, check_finite=safe_merge)
+                self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract the merged updates from the base weight and bias, last merged first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base_layer = self.get_base_layer()
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            for indices, values, scale in self._updates([name], self.sara_indices, self.sara_values):
-                base_layer.weight.data.view(-1).index_add_(
-                    0, indices, values.to(base_layer.weight.dtype), alpha=-scale
-                )
-            for indices, values, scale in self._updates([name], self.sara_bias_indices, self.sara_bias_values):
-                base_layer.bias.data.index_add_(0, indices, values.to(base_layer.bias.dtype), alpha=-scale)
+            self._fold_into_base(self.merged_adapters.pop(), -1.0)
 
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
         base_layer = self.get_base_layer()

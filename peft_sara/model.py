@@ -48,23 +48,27 @@ def _is_supported(module: nn.Module) -> bool:
 def threshold_for_fraction(tensors: list[torch.Tensor], fraction: float) -> float:
     """Smallest θ such that at least `fraction` of all entries of `tensors` have |w| < θ.
 
-    Bisection over the bit patterns of non-negative fp32 numbers, which order like the numbers: exact, and it never
+    The bit patterns of non-negative fp32 numbers order like the numbers, so the k-th smallest |w| is found exactly by
+    a radix selection: one pass counts the high 16 bits, a second the low 16 bits within the right bucket. It never
     holds more than one tensor's copy at a time, unlike a global sort.
     """
-    total = sum(tensor.numel() for tensor in tensors)
-    wanted = max(1, round(fraction * total))
+    wanted = max(1, round(fraction * sum(tensor.numel() for tensor in tensors)))
 
-    def count_below(bits: int) -> int:
-        return sum(int((tensor.detach().float().abs().view(torch.int32) < bits).sum()) for tensor in tensors)
+    def magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().float().abs().view(torch.int32).view(-1)
 
-    low, high = 0, 0x7F800000  # +inf
-    while low < high:
-        middle = (low + high) // 2
-        if count_below(middle) >= wanted:
-            high = middle
-        else:
-            low = middle + 1
-    return torch.tensor(low, dtype=torch.int32).view(torch.float32).item()
+    high_counts = sum(torch.bincount(magnitude_bits(t) >> 16, minlength=1 << 15) for t in tensors)
+    high_cumulative = high_counts.cumsum(0)
+    bucket = int(torch.searchsorted(high_cumulative, wanted))
+    before_bucket = int(high_cumulative[bucket - 1]) if bucket else 0
+    low_counts = sum(
+        torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+        for bits in map(magnitude_bits, tensors)
+    )
+    low = int(torch.searchsorted(low_counts.cumsum(0), wanted - before_bucket))
+    kth_smallest_bits = (bucket << 16) | low
+    # the next float above the k-th smallest |w|: |w| < θ then holds for it and everything below it
+    return torch.tensor(kth_smallest_bits + 1, dtype=torch.int32).view(torch.float32).item()
 
 
 class SaRAModel(BaseTuner):

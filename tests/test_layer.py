@@ -22,7 +22,7 @@ def sara_layer(base: nn.Module, threshold: float = 0.1, init_weights: bool = Fal
 def dense_reference(layer, x: torch.Tensor, grad_output: torch.Tensor):
     """Output and gradients from plain autograd on the dense effective weight (what the sparse backward must match)."""
     base = layer.get_base_layer()
-    weight = base.weight.detach().clone().requires_grad_(True)
+    weight = base.weight.detach().contiguous().requires_grad_(True)
     indices = layer.sara_indices["default"].long()
     effective = weight + torch.zeros_like(weight).view(-1).index_add(
         0, indices, layer.sara_values["default"].detach()
@@ -219,3 +219,29 @@ def test_scale_multiplies_the_update():
     torch.testing.assert_close(
         layer.get_delta_weight("default").view(-1).count_nonzero(), layer.sara_values["default"].count_nonzero()
     )
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_base_weight_is_restored_bit_exactly(channels_last):
+    base = nn.Conv2d(4, 6, 3, padding=1)
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    original = base.weight.detach().clone()
+    layer = sara_layer(base, threshold=0.15)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    for _ in range(3):
+        output = layer(x)
+        output.square().sum().backward()
+        assert torch.equal(base.weight, original)
+    expected_output, _, expected_values_grad = dense_reference(layer, x, 2 * output.detach())
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(layer.sara_values["default"].grad / 3, expected_values_grad)
+
+
+def test_base_weight_is_restored_when_the_op_fails():
+    base = nn.Linear(8, 4)
+    original = base.weight.detach().clone()
+    layer = sara_layer(base, threshold=0.2)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(3, 7))  # wrong input width
+    assert torch.equal(base.weight, original)
