@@ -94,23 +94,22 @@ class _SparseWeightOp(torch.autograd.Function):
         grad_output = grad_output.to(ctx.compute_dtype)
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         needs_values = ctx.needs_input_grad[7::2]
-        grad_x = grad_weight = grad_bias = None
-        if needs_x:
-            updates = _pair_updates(indices_and_values, ctx.scales)
-            with _weight_with_updates(weight, updates, ctx.compute_dtype) as effective:
-                grad_x = ctx.op.input_grad(grad_output, x, effective).to(ctx.input_dtype)
+        needs_dense_grad = needs_weight or any(needs_values)
+        updates = _pair_updates(indices_and_values, ctx.scales)
+        with _weight_with_updates(weight, updates, ctx.compute_dtype) as effective:
+            grad_x, dense_grad = ctx.op.backward(grad_output, x, effective, needs_x, needs_dense_grad)
         grad_values = [None] * len(needs_values)
-        if needs_weight or any(needs_values):
-            dense_grad = ctx.op.weight_grad(grad_output, x, weight.shape).reshape(-1)
+        if needs_dense_grad:
+            flat_grad = dense_grad.reshape(-1)
             for position, needed in enumerate(needs_values):
                 if needed:
                     indices = indices_and_values[2 * position]
-                    grad_values[position] = dense_grad.index_select(0, indices).float() * ctx.scales[position]
-            if needs_weight:
-                grad_weight = dense_grad.view(weight.shape).to(weight.dtype)
-            del dense_grad
-        if needs_bias and ctx.has_bias:
-            grad_bias = ctx.op.bias_grad(grad_output)
+                    grad_values[position] = flat_grad.index_select(0, indices).float() * ctx.scales[position]
+            del flat_grad
+        grad_weight = dense_grad.to(weight.dtype) if needs_weight else None
+        del dense_grad
+        grad_x = grad_x.to(ctx.input_dtype) if needs_x else None
+        grad_bias = ctx.op.bias_grad(grad_output) if needs_bias and ctx.has_bias else None
         grads_of_pairs = [grad for value_grad in grad_values for grad in (None, value_grad)]
         return (grad_x, grad_weight, grad_bias, None, None, None, *grads_of_pairs)
 
@@ -127,12 +126,12 @@ class _LinearOp:
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def input_grad(grad_output, x, weight):
-        return grad_output @ weight
-
-    @staticmethod
-    def weight_grad(grad_output, x, weight_shape):
-        return grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    def backward(grad_output, x, weight, needs_input, needs_weight):
+        grad_input = grad_output @ weight if needs_input else None
+        grad_weight = None
+        if needs_weight:
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return grad_input, grad_weight
 
     @staticmethod
     def bias_grad(grad_output):
@@ -148,18 +147,22 @@ class _Conv2dOp:
     def forward(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _backward(self, grad_output, x, weight, mask):
-        return torch.ops.aten.convolution_backward(
-            grad_output, x, weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups, mask
+    def backward(self, grad_output, x, weight, needs_input, needs_weight):
+        """Input and weight gradients from one convolution_backward call, as autograd computes them."""
+        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output,
+            x,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0, 0],
+            self.groups,
+            [needs_input, needs_weight, False],
         )
-
-    def input_grad(self, grad_output, x, weight):
-        return self._backward(grad_output, x, weight, [True, False, False])[0]
-
-    def weight_grad(self, grad_output, x, weight_shape):
-        # convolution_backward reads only the weight's shape for the weight gradient: an expanded scalar costs nothing.
-        shape_only = grad_output.new_zeros(()).expand(weight_shape)
-        return self._backward(grad_output, x, shape_only, [False, True, False])[1]
+        return grad_input, grad_weight
 
     @staticmethod
     def bias_grad(grad_output):
