@@ -72,6 +72,7 @@ class SaRATraining:
             )
         self.step = 0
         self.last_rank_loss: torch.Tensor | None = None
+        self.last_rank_layers: list[str] = []
         self._frozen: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {}
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
@@ -92,7 +93,7 @@ class SaRATraining:
         return frozen / total if total else 0.0
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self.last_rank_loss = None
+        self.last_rank_loss, self.last_rank_layers = None, []
         by_config: dict[int, list[_TrainedUpdate]] = {}
         for update in self.updates:
             by_config.setdefault(id(update.config), []).append(update)
@@ -110,6 +111,7 @@ class SaRATraining:
             generator = torch.Generator().manual_seed(config.rank_seed * 1_000_003 + self.step)
             chosen = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
             loss = self._add_nuclear_norm_subgradient(chosen, config.lambda_rank)
+            self.last_rank_layers.append(chosen.key)
             self.last_rank_loss = loss if self.last_rank_loss is None else self.last_rank_loss + loss
 
     @staticmethod
@@ -184,7 +186,8 @@ def attach(model: nn.Module, optimizer: Any) -> SaRATraining:
 
 
 def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    # accelerate's AcceleratedOptimizer subclasses torch's Optimizer but steps the optimizer it wraps
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(

@@ -1,0 +1,241 @@
+"""attach(): the nuclear-norm regulariser and the progressive step, alone, with accelerate, and across processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_unet, unet_inputs
+from peft import get_peft_model
+from torch import nn
+
+import peft_sara
+from peft_sara import SaRAConfig, SaRALayer, attach, paper_learning_rate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sara_unet(**config):
+    config = {"threshold": 0.02, "rank_min_dim": 8, **config}
+    return get_peft_model(tiny_unet(), SaRAConfig(**config))
+
+
+def adapter_values(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(model, steps: int, lr: float = 1e-3, with_attach: bool = True, seed: int = 0):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-2)
+    training = attach(model, optimizer) if with_attach else None
+    for step in range(steps):
+        model(**unet_inputs(model, seed=seed + step)).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer, training
+
+
+def test_paper_learning_rate():
+    assert paper_learning_rate(2e-3) == pytest.approx(4.966e-4, rel=1e-3)
+    assert paper_learning_rate(0) == 1e-3
+
+
+def test_regulariser_adds_the_nuclear_norm_subgradient_of_the_masked_weight():
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(80, 96)), SaRAConfig(threshold=0.05, lambda_rank=0.1, init_weights=False)
+    )
+    layer = model.base_model.model[0]
+    values, indices = layer.sara_values["default"], layer.sara_indices["default"].long()
+    masked_values = values.detach().clone().requires_grad_(True)
+    base = layer.get_base_layer().weight.detach()
+    masked = torch.zeros(96 * 80).index_add(0, indices, base.view(-1)[indices] + masked_values).view(96, 80)
+    nuclear_norm = torch.linalg.matrix_norm(masked, ord="nuc")
+    nuclear_norm.backward()
+    optimizer = torch.optim.SGD([values], lr=0.0)
+    training = attach(model, optimizer)
+    values.grad = torch.zeros_like(values)
+    optimizer.step()
+    torch.testing.assert_close(values.grad, 0.1 * masked_values.grad, rtol=1e-4, atol=1e-6)
+    assert training.rank_loss == pytest.approx(0.1 * nuclear_norm.item(), rel=1e-5)
+    assert training.last_rank_layers == ["0:default"]
+
+
+def test_lambda_zero_changes_nothing_and_lambda_positive_changes_training():
+    plain = sara_unet(lambda_rank=0.0)
+    train(plain, 3, with_attach=False)
+    with_zero = sara_unet(lambda_rank=0.0)
+    train(with_zero, 3)
+    regularised = sara_unet(lambda_rank=0.5)
+    _, training = train(regularised, 3)
+    regularised_again = sara_unet(lambda_rank=0.5)
+    train(regularised_again, 3)
+    plain_values, regularised_values = adapter_values(plain), adapter_values(regularised)
+    assert all(torch.equal(plain_values[n], v) for n, v in adapter_values(with_zero).items())
+    assert any(not torch.equal(plain_values[n], v) for n, v in regularised_values.items())
+    assert all(torch.equal(regularised_values[n], v) for n, v in adapter_values(regularised_again).items())
+    assert training.rank_loss > 0 and training.step == 3
+
+
+def test_regularised_layer_depends_only_on_seed_and_step():
+    def chosen_layers(seed: int) -> list[list[str]]:
+        model = sara_unet(lambda_rank=0.1, rank_seed=seed)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        training = attach(model, optimizer)
+        chosen = []
+        for _ in range(6):
+            model(**unet_inputs(model)).sample.mean().backward()
+            optimizer.step()
+            chosen.append(training.last_rank_layers)
+        return chosen
+
+    assert chosen_layers(0) == chosen_layers(0)
+    assert chosen_layers(0) != chosen_layers(1)
+    assert len({layers[0] for layers in chosen_layers(0)}) > 1
+
+
+def test_skipped_gradient_scaler_steps_add_nothing():
+    model = sara_unet(lambda_rank=0.1, progressive_step=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    training = attach(model, optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    before = adapter_values(model)
+    loss = model(**unet_inputs(model)).sample.mean() * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    assert training.step == 0 and training.last_rank_loss is None and training.frozen_fraction == 0
+    assert all(torch.equal(before[n], v) for n, v in adapter_values(model).items())
+    scaler.scale(model(**unet_inputs(model)).sample.square().mean()).backward()
+    scaler.step(optimizer)
+    assert training.step == 1 and training.last_rank_loss is not None
+
+
+def test_progressive_step_freezes_grown_entries_for_good():
+    model = sara_unet(lambda_rank=0.0, progressive_step=2)
+    optimizer, training = train(model, 2, lr=0.05)
+    assert training.frozen_fraction > 0.05
+    layers = [m for m in model.modules() if isinstance(m, SaRALayer)]
+    frozen = {}
+    for layer in layers:
+        values = layer.sara_values["default"].detach()
+        base = layer.get_base_layer().weight.detach().reshape(-1)[layer.sara_indices["default"].long()]
+        frozen[layer] = ((base + values).abs() >= 0.02, values.clone())
+    for step in range(3):
+        model(**unet_inputs(model, seed=10 + step)).sample.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    still_training_moved = False
+    for layer, (is_frozen, values_at_freeze) in frozen.items():
+        values = layer.sara_values["default"].detach()
+        assert torch.equal(values[is_frozen], values_at_freeze[is_frozen])
+        still_training_moved |= not torch.equal(values[~is_frozen], values_at_freeze[~is_frozen])
+        state = optimizer.state[layer.sara_values["default"]]
+        assert int(state["step"]) == 5  # moments kept through the progressive step, not restarted
+    assert still_training_moved
+
+
+def test_resume_reproduces_a_straight_run():
+    straight = sara_unet(lambda_rank=0.2, progressive_step=2)
+    train(straight, 4, lr=0.05)
+
+    first_half = sara_unet(lambda_rank=0.2, progressive_step=2)
+    optimizer, training = train(first_half, 3, lr=0.05)
+    checkpoint = {
+        "values": adapter_values(first_half),
+        "optimizer": optimizer.state_dict(),
+        "training": training.state_dict(),
+    }
+    resumed = sara_unet(lambda_rank=0.2, progressive_step=2)
+    for name, param in resumed.named_parameters():
+        if param.requires_grad:
+            param.data.copy_(checkpoint["values"][name])
+    optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=0.05, weight_decay=1e-2)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    training = attach(resumed, optimizer)
+    training.load_state_dict(checkpoint["training"])
+    assert training.step == 3 and training.frozen_fraction > 0
+    resumed(**unet_inputs(resumed, seed=3)).sample.square().mean().backward()
+    optimizer.step()
+    straight_values = adapter_values(straight)
+    assert all(torch.equal(straight_values[n], v) for n, v in adapter_values(resumed).items())
+
+
+def test_accelerate_wrapped_optimizer_and_gradient_accumulation():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = sara_unet(lambda_rank=0.1, progressive_step=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    training = attach(model, optimizer)
+    for micro_batch in range(4):
+        with accelerator.accumulate(model):
+            inputs = unet_inputs(accelerator.unwrap_model(model), seed=micro_batch)
+            accelerator.backward(model(**inputs).sample.square().mean())
+            optimizer.step()
+            optimizer.zero_grad()
+    assert training.step == 2
+    assert training.frozen_fraction > 0
+
+
+def test_attach_refuses_what_it_cannot_train():
+    with pytest.raises(ValueError, match="no trainable SaRA adapter"):
+        attach(nn.Linear(3, 3), torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1))
+    model = sara_unet()
+    with pytest.raises(ValueError, match="does not hold the SaRA parameters"):
+        attach(model, torch.optim.SGD(nn.Linear(3, 3).parameters(), lr=0.1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    attach(model, optimizer)
+    with pytest.raises(ValueError, match="already called"):
+        attach(model, optimizer)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_end_with_identical_adapters(tmp_path):
+    """DDP over gloo on CPU: each rank sees other data, yet regularises the same layers and ends identical."""
+    worker = os.path.join(REPO_ROOT, "tests", "helpers", "ddp_train.py")
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        worker,
+        str(tmp_path),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank_files = sorted(tmp_path.glob("rank*.pt"))
+    assert len(rank_files) == 2, "two processes must really have run"
+    first, second = (torch.load(path) for path in rank_files)
+    assert first["num_processes"] == second["num_processes"] == 2
+    assert first["rank_layers"] == second["rank_layers"] and first["rank_layers"]
+    assert first["frozen_fraction"] == second["frozen_fraction"] > 0
+    assert first["values"].keys() == second["values"].keys()
+    assert all(torch.equal(first["values"][name], second["values"][name]) for name in first["values"])
+    assert not torch.equal(first["first_batch"], second["first_batch"])  # the ranks trained on different data
+
+
+def test_package_exports_the_public_api():
+    for name in ("SaRAConfig", "SaRAModel", "attach", "paper_learning_rate", "load_sara_weights"):
+        assert hasattr(peft_sara, name)
