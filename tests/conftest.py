@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from torch import nn
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
 
-import peft_sara  # noqa: F401  (registers SaRA)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import peft_sara  # noqa: E402, F401  (registers SaRA)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

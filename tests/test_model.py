@@ -309,3 +309,30 @@ def test_loads_from_a_hub_repo_id_through_the_cache(tmp_path, monkeypatch, unet)
     loaded = PeftModel.from_pretrained(tiny_unet(), "someone/sara-unet")
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).sample, expected)
+
+
+def test_push_to_hub_uploads_a_loadable_adapter(tmp_path, monkeypatch, unet):
+    """push_to_hub with the Hub API intercepted: the committed files, laid out as a repo, load back by repo id."""
+    from types import SimpleNamespace
+
+    from conftest import fake_hub_repo
+    from huggingface_hub import HfApi
+
+    uploaded = tmp_path / "uploaded"
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for operation in operations:
+            target = uploaded / operation.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(open(operation.path_or_fileobj, "rb").read())
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False))
+    model.push_to_hub("someone/pushed-sara")
+    assert {path.name for path in uploaded.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    fake_hub_repo(monkeypatch, tmp_path / "hub", "someone/pushed-sara", uploaded)
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+        assert torch.equal(PeftModel.from_pretrained(tiny_unet(), "someone/pushed-sara")(**inputs).sample, expected)
