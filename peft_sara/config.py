@@ -39,8 +39,9 @@ class SaRAConfig(PeftConfig):
         metadata={
             "help": (
                 "Pick θ so that this fraction (0 < f < 1) of all targeted weight entries is trainable, for models "
-                "whose weight scales differ from SD 1.5 (SDXL, SD3, text encoders). The resolved θ is written to "
-                "`threshold` when the adapter is created, so a saved config records the value actually used."
+                "whose weight scales differ from SD 1.5 (SDXL, SD3, text encoders). When the adapter is created the "
+                "resolved θ is written to `threshold` and this field is cleared, so a saved config records the θ "
+                "actually used."
             )
         },
     )

@@ -111,7 +111,9 @@ class SaRAModel(BaseTuner):
             return  # peft's injection raises its own clear error for targets that match nothing
         weights = [_base_layer(module).weight for _, module in targets]
         if peft_config.target_fraction is not None:
+            # resolved once: the saved config then records the θ used, and loading it does not search again
             peft_config.threshold = threshold_for_fraction(weights, peft_config.target_fraction)
+            peft_config.target_fraction = None
         selected = sum(int((weight.detach().float().abs() < peft_config.threshold).sum()) for weight in weights)
         if selected == 0:
             smallest = min(float(weight.detach().float().abs().min()) for weight in weights)

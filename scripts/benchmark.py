@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -113,9 +114,15 @@ def run_method(args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         if step > 0:
             step_times.append(time.perf_counter() - start)
+    peak_memory = peak_memory_bytes(device)  # before the save/load below, which builds a second model
+    adapter_bytes = load_seconds = None
+    if args.run_method == "sara":
+        adapter_bytes, load_seconds = save_and_load(model, args.model)
     return {
         "method": args.run_method,
-        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_bytes": peak_memory,
+        "adapter_bytes": adapter_bytes,
+        "adapter_load_seconds": load_seconds,
         "median_step_seconds": statistics.median(step_times),
         "step_seconds": step_times,
         "trainable_values": sum(p.numel() for p in trainable),
@@ -123,6 +130,20 @@ def run_method(args: argparse.Namespace) -> dict:
         "largest_weight_bytes": largest_weight_bytes,
         "rank_loss": training.rank_loss if training else None,
     }
+
+
+def save_and_load(model, model_name: str) -> tuple[int, float]:
+    """Bytes of the saved adapter on disk, and seconds to load it onto a freshly built base model."""
+    from diffusers import UNet2DConditionModel
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        adapter_bytes = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
+        base = UNet2DConditionModel(**unet_config(model_name))
+        start = time.perf_counter()
+        PeftModel.from_pretrained(base, folder)
+        return adapter_bytes, time.perf_counter() - start
 
 
 def sara_budget_checks(results: dict[str, dict]) -> dict[str, dict]:
@@ -195,6 +216,13 @@ def main(argv=None) -> None:
     if set(METHODS) <= set(results):
         report["sara_budget"] = sara_budget_checks(results)
     print(markdown_table(results))
+    if "sara" in results:
+        sara = results["sara"]
+        print(
+            f"SaRA adapter: {sara['adapter_bytes'] / 2**20:.1f} MiB on disk, "
+            f"{sara['adapter_bytes'] / sara['trainable_values']:.2f} bytes per trainable value, "
+            f"loaded in {sara['adapter_load_seconds']:.1f} s"
+        )
     for name, check in report.get("sara_budget", {}).items():
         print(f"{name}: {check['value']:.3f} (target {check['target']}) {'ok' if check['passes'] else 'MISSED'}")
     if args.output:
