@@ -55,7 +55,8 @@ def _weight_with_updates(
     The updates are added into the weight's own storage and the original entries are put back afterwards (copied,
     not subtracted, so the base weight is restored bit for bit). That costs a few passes over the positions instead of
     a copy of the whole weight per call. Going through `.data` leaves autograd's version counter of the parameter
-    alone. A non-contiguous weight (channels_last) gets a patched copy instead.
+    alone. A non-contiguous weight (channels_last) gets a patched copy instead. Like any in-place use of a weight,
+    this is not for one model run by several threads at once (torch.nn.DataParallel); DDP runs processes.
     """
     if not weight.is_contiguous():
         yield _scatter_updates(weight.detach(), updates, dtype)
@@ -175,7 +176,7 @@ class SaRALayer(BaseTunerLayer):
     adapter_layer_names = ("sara_values", "sara_bias_values")
     other_param_names = ("sara_indices", "sara_bias_indices", "sara_scaling")
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
         self.sara_values = nn.ParameterDict({})
         self.sara_indices = BufferDict({}, persistent=True)
@@ -184,13 +185,12 @@ class SaRALayer(BaseTunerLayer):
         self.sara_scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.kwargs = kwargs
         base_layer = self.get_base_layer()
         for attribute in ("in_features", "out_features", "in_channels", "out_channels"):
             if hasattr(base_layer, attribute):
                 setattr(self, attribute, getattr(base_layer, attribute))
 
-    def update_layer(self, adapter_name: str, config: SaRAConfig, **kwargs) -> None:
+    def update_layer(self, adapter_name: str, config: SaRAConfig) -> None:
         """Select the trainable entries of this layer for `adapter_name` and create their zero update."""
         base_layer = self.get_base_layer()
         self._add_sparse_update(adapter_name, base_layer.weight, config, self.sara_indices, self.sara_values)
@@ -302,7 +302,11 @@ class SaRALayer(BaseTunerLayer):
             x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, *indices_and_values
         )
 
-    def _base_or_sparse_forward(self, x: torch.Tensor, op_factory, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _input_and_op(self, x: torch.Tensor):
+        """The input as the sparse op takes it, and the op's formulas for this base type."""
+        raise NotImplementedError
+
+    def _base_or_sparse_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -310,20 +314,23 @@ class SaRALayer(BaseTunerLayer):
         active = self._active_sara_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        return self._sparse_forward(*op_factory(x), active)
+        return self._sparse_forward(*self._input_and_op(x), active)
 
 
 class Linear(nn.Module, SaRALayer):
     """SaRA on an `nn.Linear`."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig) -> None:
         super().__init__()
-        SaRALayer.__init__(self, base_layer, **kwargs)
+        SaRALayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
+    def _input_and_op(self, x: torch.Tensor):
+        return x, _LinearOp
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._base_or_sparse_forward(x, lambda inputs: (inputs, _LinearOp), *args, **kwargs)
+        return self._base_or_sparse_forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "sara." + super().__repr__()
@@ -332,13 +339,13 @@ class Linear(nn.Module, SaRALayer):
 class Conv2d(nn.Module, SaRALayer):
     """SaRA on an `nn.Conv2d` of any kernel, stride, padding (and padding mode), dilation and groups."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig) -> None:
         super().__init__()
-        SaRALayer.__init__(self, base_layer, **kwargs)
+        SaRALayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def _padded_input_and_op(self, x: torch.Tensor):
+    def _input_and_op(self, x: torch.Tensor):
         """Apply non-zero or string padding to the input here, so that the sparse op only sees zero padding."""
         conv = self.get_base_layer()
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
@@ -348,7 +355,7 @@ class Conv2d(nn.Module, SaRALayer):
         return x, _Conv2dOp(conv.stride, (0, 0), conv.dilation, conv.groups)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._base_or_sparse_forward(x, self._padded_input_and_op, *args, **kwargs)
+        return self._base_or_sparse_forward(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "sara." + super().__repr__()

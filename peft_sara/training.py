@@ -70,6 +70,8 @@ class SaRATraining:
                 f"The optimizer does not hold the SaRA parameters of {len(not_held)} layer(s), e.g. {not_held[:2]}. "
                 "Create the optimizer from the model's parameters after get_peft_model/add_adapter."
             )
+        self._updates_by_key = {update.key: update for update in self.updates}
+        self._rank_candidates = _rank_candidates(self.updates)
         self.step = 0
         self.last_rank_loss: torch.Tensor | None = None
         self.last_rank_layers: list[str] = []
@@ -94,22 +96,9 @@ class SaRATraining:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.last_rank_loss, self.last_rank_layers = None, []
-        by_config: dict[int, list[_TrainedUpdate]] = {}
-        for update in self.updates:
-            by_config.setdefault(id(update.config), []).append(update)
-        for updates in by_config.values():
-            config = updates[0].config
-            if config.lambda_rank == 0:
-                continue
-            eligible = [
-                update
-                for update in updates
-                if update.base_weight.dim() == 2 and min(update.base_weight.shape) > config.rank_min_dim
-            ]
-            if not eligible:
-                continue
+        for config, candidates in self._rank_candidates:
             generator = torch.Generator().manual_seed(config.rank_seed * 1_000_003 + self.step)
-            chosen = eligible[int(torch.randint(len(eligible), (1,), generator=generator))]
+            chosen = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
             loss = self._add_nuclear_norm_subgradient(chosen, config.lambda_rank)
             self.last_rank_layers.append(chosen.key)
             self.last_rank_loss = loss if self.last_rank_loss is None else self.last_rank_loss + loss
@@ -132,7 +121,7 @@ class SaRATraining:
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.step += 1
         for key, (positions, frozen_values, _) in self._frozen.items():
-            self._update_by_key(key).values.data.index_copy_(0, positions, frozen_values)
+            self._updates_by_key[key].values.data.index_copy_(0, positions, frozen_values)
         for update in self.updates:
             if update.config.progressive_step == self.step and update.key not in self._frozen:
                 still_small = update.effective_values().abs() < update.config.threshold
@@ -144,9 +133,6 @@ class SaRATraining:
         positions = positions.to(values.device)
         handle = values.register_hook(lambda grad: grad.index_fill(0, positions, 0))
         self._frozen[update.key] = (positions, values.detach().index_select(0, positions), handle)
-
-    def _update_by_key(self, key: str) -> _TrainedUpdate:
-        return next(update for update in self.updates if update.key == key)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -160,12 +146,11 @@ class SaRATraining:
             handle.remove()
         self._frozen = {}
         self.step = int(state["step"])
-        keys = {update.key for update in self.updates}
-        unknown = sorted(set(state["frozen_positions"]) - keys)
+        unknown = sorted(set(state["frozen_positions"]) - self._updates_by_key.keys())
         if unknown:
             raise ValueError(f"The SaRA training state names layers this model lacks, e.g. {unknown[:2]}.")
         for key, positions in state["frozen_positions"].items():
-            self._freeze(self._update_by_key(key), positions)
+            self._freeze(self._updates_by_key[key], positions)
 
     def detach(self) -> None:
         """Remove the hooks: the optimizer steps like a plain one again."""
@@ -220,6 +205,16 @@ def _trained_updates(model: nn.Module) -> list[_TrainedUpdate]:
             "model.add_adapter(SaRAConfig(...)), and do not load it in inference mode."
         )
     return updates
+
+
+def _rank_candidates(updates: list[_TrainedUpdate]) -> list[tuple[SaRAConfig, list[_TrainedUpdate]]]:
+    """For each adapter config with λ > 0, the updates of the 2-D weights large enough to regularise."""
+    by_config: dict[int, tuple[SaRAConfig, list[_TrainedUpdate]]] = {}
+    for update in updates:
+        config, weight = update.config, update.base_weight
+        if config.lambda_rank > 0 and weight.dim() == 2 and min(weight.shape) > config.rank_min_dim:
+            by_config.setdefault(id(config), (config, []))[1].append(update)
+    return list(by_config.values())
 
 
 def _canonical_module_name(name: str) -> str:
