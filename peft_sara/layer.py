@@ -302,11 +302,22 @@ class SaRALayer(BaseTunerLayer):
             x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, *indices_and_values
         )
 
+
+class _SaRAModule(nn.Module, SaRALayer):
+    """The module side shared by the layer classes: construction, forward and repr. Subclasses say how their base
+    type's input and op are formed."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig) -> None:
+        super().__init__()
+        SaRALayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
     def _input_and_op(self, x: torch.Tensor):
         """The input as the sparse op takes it, and the op's formulas for this base type."""
         raise NotImplementedError
 
-    def _base_or_sparse_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -316,34 +327,19 @@ class SaRALayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         return self._sparse_forward(*self._input_and_op(x), active)
 
-
-class Linear(nn.Module, SaRALayer):
-    """SaRA on an `nn.Linear`."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig) -> None:
-        super().__init__()
-        SaRALayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    def _input_and_op(self, x: torch.Tensor):
-        return x, _LinearOp
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._base_or_sparse_forward(x, *args, **kwargs)
-
     def __repr__(self) -> str:
         return "sara." + super().__repr__()
 
 
-class Conv2d(nn.Module, SaRALayer):
-    """SaRA on an `nn.Conv2d` of any kernel, stride, padding (and padding mode), dilation and groups."""
+class Linear(_SaRAModule):
+    """SaRA on an `nn.Linear`."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SaRAConfig) -> None:
-        super().__init__()
-        SaRALayer.__init__(self, base_layer)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+    def _input_and_op(self, x: torch.Tensor):
+        return x, _LinearOp
+
+
+class Conv2d(_SaRAModule):
+    """SaRA on an `nn.Conv2d` of any kernel, stride, padding (and padding mode), dilation and groups."""
 
     def _input_and_op(self, x: torch.Tensor):
         """Apply non-zero or string padding to the input here, so that the sparse op only sees zero padding."""
@@ -353,9 +349,3 @@ class Conv2d(nn.Module, SaRALayer):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
         return x, _Conv2dOp(conv.stride, (0, 0), conv.dilation, conv.groups)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._base_or_sparse_forward(x, *args, **kwargs)
-
-    def __repr__(self) -> str:
-        return "sara." + super().__repr__()
