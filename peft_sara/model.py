@@ -216,12 +216,15 @@ class SaRAModel(BaseTuner):
                 indices, values = state_dict[index_key], state_dict[value_key]
                 _check_saved_update(name, indices, values, base_tensor)
                 state_dict[value_key] = values.float()
-                getattr(module, index_attr)[adapter_name] = torch.empty_like(indices, device=base_tensor.device)
-                old_values = getattr(module, value_attr)[adapter_name]
-                getattr(module, value_attr)[adapter_name] = nn.Parameter(
-                    torch.empty(values.numel(), dtype=torch.float32, device=base_tensor.device),
-                    requires_grad=old_values.requires_grad,
-                )
+                current_values = getattr(module, value_attr)[adapter_name]
+                if current_values.shape != values.shape:
+                    # Only a differently sized selection gets new tensors: an optimizer (or DDP) that already holds
+                    # the current values, as when a training run resumes, must keep training the loaded ones.
+                    getattr(module, index_attr)[adapter_name] = torch.empty_like(indices, device=base_tensor.device)
+                    getattr(module, value_attr)[adapter_name] = nn.Parameter(
+                        torch.empty(values.numel(), dtype=torch.float32, device=base_tensor.device),
+                        requires_grad=current_values.requires_grad,
+                    )
         unexpected = sorted(key for key in state_dict if f".{cls.prefix}" in key and key not in expected_keys)
         if missing or unexpected:
             problems = []

@@ -9,6 +9,7 @@ parameters, so every process of a distributed run takes the same ones, and a res
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +59,21 @@ class SaRATraining:
     run keeps the progressive step's frozen set and the regulariser's schedule.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Any) -> None:
+    def __init__(self, model: nn.Module | Sequence[nn.Module], optimizer: Any) -> None:
         self.optimizer = _unwrap_optimizer(optimizer)
         if getattr(self.optimizer, "_sara_training", None) is not None:
             raise ValueError("peft_sara.attach was already called for this optimizer; call it once per optimizer.")
-        self.updates = _trained_updates(model)
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        self.updates = [
+            update
+            for index, one_model in enumerate(models)
+            for update in _trained_updates(one_model, key_prefix=f"{index}." if len(models) > 1 else "")
+        ]
+        if not self.updates:
+            raise ValueError(
+                "The model has no trainable SaRA adapter: create one with get_peft_model(model, SaRAConfig(...)) or "
+                "model.add_adapter(SaRAConfig(...)), and do not load it in inference mode."
+            )
         held = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
         not_held = [update.key for update in self.updates if id(update.values) not in held]
         if not_held:
@@ -161,11 +172,12 @@ class SaRATraining:
         self.optimizer._sara_training = None
 
 
-def attach(model: nn.Module, optimizer: Any) -> SaRATraining:
+def attach(model: nn.Module | Sequence[nn.Module], optimizer: Any) -> SaRATraining:
     """Make `optimizer.step()` apply SaRA's regulariser and progressive step to the model's trainable SaRA adapters.
 
-    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate;
-    `optimizer` a torch optimizer or one wrapped by accelerate.
+    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate, or a
+    list of such models trained by the same optimizer (a UNet and its text encoder); `optimizer` a torch optimizer
+    or one wrapped by accelerate.
     """
     return SaRATraining(model, optimizer)
 
@@ -189,7 +201,7 @@ def _peft_configs(model: nn.Module) -> dict[str, Any]:
     return {}
 
 
-def _trained_updates(model: nn.Module) -> list[_TrainedUpdate]:
+def _trained_updates(model: nn.Module, key_prefix: str) -> list[_TrainedUpdate]:
     configs = _peft_configs(model)
     updates = []
     for name, module in model.named_modules():
@@ -197,13 +209,8 @@ def _trained_updates(model: nn.Module) -> list[_TrainedUpdate]:
             continue
         for adapter, values in module.sara_values.items():
             if values.requires_grad and isinstance(configs.get(adapter), SaRAConfig):
-                key = f"{_canonical_module_name(name)}:{adapter}"
+                key = f"{key_prefix}{_canonical_module_name(name)}:{adapter}"
                 updates.append(_TrainedUpdate(key, module, adapter, configs[adapter]))
-    if not updates:
-        raise ValueError(
-            "The model has no trainable SaRA adapter: create one with get_peft_model(model, SaRAConfig(...)) or "
-            "model.add_adapter(SaRAConfig(...)), and do not load it in inference mode."
-        )
     return updates
 
 

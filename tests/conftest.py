@@ -179,3 +179,39 @@ def fake_hub_repo(monkeypatch, cache_dir, repo_id: str, folder) -> None:
     (repo_dir / "refs" / "main").write_text(commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline saved by diffusers: what --pretrained_model_name_or_path loads."""
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def write_images(folder, count: int, seed: int, size: int = 40) -> None:
+    """Small PNGs of coloured blocks, distinct per seed."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = np.random.default_rng(seed)
+    for index in range(count):
+        blocks = generator.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+        image = Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
+        image.save(folder / f"image-{index}.png")
+
+
+def load_script(name: str):
+    """Import scripts/<name>.py as a module, with accelerate's process-wide state reset for a new run."""
+    import importlib.util
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

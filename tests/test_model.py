@@ -336,3 +336,24 @@ def test_push_to_hub_uploads_a_loadable_adapter(tmp_path, monkeypatch, unet):
     with torch.no_grad():
         expected = model(**inputs).sample
         assert torch.equal(PeftModel.from_pretrained(tiny_unet(), "someone/pushed-sara")(**inputs).sample, expected)
+
+
+def test_loading_into_a_model_in_training_keeps_the_optimizer_s_parameters(tmp_path, unet):
+    """Resuming loads saved values into live parameters: an optimizer that holds them must go on training them."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import get_peft_model_state_dict
+
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False))
+    saved = {key: value.clone() for key, value in get_peft_model_state_dict(model).items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    with torch.no_grad():
+        for param in trainable:
+            param.zero_()
+    set_peft_model_state_dict(model, saved)
+    assert [id(p) for p in model.parameters() if p.requires_grad] == [id(p) for p in trainable]  # same objects
+    assert all(p.abs().sum() > 0 for p in trainable)
+    model(**unet_inputs(unet)).sample.mean().backward()
+    before = [p.detach().clone() for p in trainable]
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
