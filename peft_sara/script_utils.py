@@ -776,3 +776,158 @@ def total_batch_line(args: argparse.Namespace, num_processes: int) -> str:
 def updates_per_epoch(dataloader, num_processes: int, accumulation: int) -> int:
     """Optimizer steps per epoch once the data loader is sharded over the processes (each gets an even share)."""
     return math.ceil(math.ceil(len(dataloader) / num_processes) / accumulation)
+
+
+# ------------------------------------------------------------------------------------------------ the training run
+
+
+def make_accelerator(args: argparse.Namespace, seedable_data: bool = True):
+    """The Accelerator of a run (precision, accumulation, trackers, logging folder), with logging and seeds set."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=seedable_data),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def make_dataloader(args: argparse.Namespace, dataset, collate_fn) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
+        generator=data_generator(args.seed),
+    )
+
+
+@dataclass
+class SaRARun:
+    """What a training loop needs, prepared by `setup_sara_training`."""
+
+    trained: dict[str, torch.nn.Module]
+    text_encoder: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    dataloader: Any
+    lr_scheduler: Any
+    training: Any
+    max_train_steps: int
+    num_epochs: int
+    updates_per_epoch: int
+    weight_dtype: torch.dtype
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.trained["unet"]
+
+
+def setup_sara_training(args, accelerator, text_encoder, vae, unet, dataloader, tracker_name: str) -> SaRARun:
+    """Frozen base in the run's precision, SaRA adapters in fp32, optimizer and schedule, accelerate, attach()."""
+    from diffusers.optimization import get_scheduler
+
+    from .training import attach
+
+    weight_dtype = weight_dtype_of(accelerator)
+    for model in (vae, text_encoder, unet):
+        model.requires_grad_(False)
+        model.to(accelerator.device, dtype=weight_dtype)
+    per_epoch = updates_per_epoch(dataloader, accelerator.num_processes, args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * per_epoch
+    unet_config, text_encoder_config = sara_configs(args, max_train_steps)
+    add_sara_adapter(unet, unet_config, "UNet")
+    trained = {"unet": unet}
+    if args.train_text_encoder:
+        add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
+        trained["text_encoder"] = text_encoder
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    params = [param for model in trained.values() for param in model.parameters() if param.requires_grad]
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(args, params, learning_rate)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,  # the prepared scheduler steps per process
+        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    prepared = accelerator.prepare(*trained.values(), optimizer, dataloader, lr_scheduler)
+    trained = dict(zip(trained, prepared[: len(trained)]))
+    optimizer, dataloader, lr_scheduler = prepared[len(trained) :]
+    training = attach(list(trained.values()), optimizer)
+    register_adapter_checkpointing(accelerator, trained)
+    accelerator.register_for_checkpointing(training)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(tracker_name, config=tracker_config(args))
+    return SaRARun(
+        trained=trained,
+        text_encoder=trained.get("text_encoder", text_encoder),
+        params=params,
+        optimizer=optimizer,
+        dataloader=dataloader,
+        lr_scheduler=lr_scheduler,
+        training=training,
+        max_train_steps=max_train_steps,
+        num_epochs=math.ceil(max_train_steps / per_epoch),
+        updates_per_epoch=per_epoch,
+        weight_dtype=weight_dtype,
+    )
+
+
+def log_run_start(args: argparse.Namespace, accelerator, run: SaRARun, num_examples: int) -> None:
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {num_examples}, num epochs = {run.num_epochs}")
+    logger.info(f"  Num processes = {accelerator.num_processes}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(total_batch_line(args, accelerator.num_processes))
+    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {run.max_train_steps}")
+    logger.info(f"  Trainable SaRA values = {sum(param.numel() for param in run.params):,}")
+
+
+def noise_prediction_loss(batch, vae, run: SaRARun, noise_scheduler, args: argparse.Namespace) -> torch.Tensor:
+    """Per-sample loss of one batch: encode, add noise, predict it (or the velocity) with the UNet."""
+    latents = vae.encode(batch["pixel_values"].to(run.weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
+    noisy_latents, timesteps, target = diffusion_targets(noise_scheduler, latents, args.noise_offset)
+    text_embeddings = run.text_encoder(batch["input_ids"])[0]
+    prediction = run.unet(noisy_latents, timesteps, text_embeddings).sample
+    return per_sample_loss(prediction, target, noise_scheduler, timesteps, args.snr_gamma)
+
+
+def end_of_step(args, accelerator, run: SaRARun, progress, loss: torch.Tensor, step: int, validate_now) -> None:
+    """After an optimizer step: progress bar and trackers (loss, lr, regulariser), checkpoint, validation."""
+    logs = {"loss": loss.detach().item(), "lr": run.lr_scheduler.get_last_lr()[0], "rank_loss": run.training.rank_loss}
+    progress.update(1)
+    progress.set_postfix(**logs)
+    accelerator.log(logs, step=step)
+    if step % args.checkpointing_steps == 0:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+    if args.validation_steps and step % args.validation_steps == 0:
+        validate_now(step)
+
+
+def save_final_output(args, accelerator, run: SaRARun, step: int, instance_prompt: str | None = None) -> None:
+    """Adapters as PEFT folders, final images from a fresh pipeline loaded with them, model card, Hub upload."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in run.trained.items()}
+        save_adapters(args.output_dir, unwrapped, base_model=args.pretrained_model_name_or_path)
+        finish_output(args, accelerator, step=step, instance_prompt=instance_prompt)
+    accelerator.end_training()
