@@ -30,7 +30,7 @@ from peft_sara import script_utils as su
 logger = get_logger(__name__)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="DreamBooth fine-tuning of Stable Diffusion with SaRA.")
     su.add_model_and_output_arguments(parser, default_output_dir="sara-dreambooth-model")
     group = parser.add_argument_group("DreamBooth data")
@@ -62,7 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     su.add_sara_arguments(parser)
     su.add_training_arguments(parser)
     su.add_validation_and_hub_arguments(parser)
-    args = su.parse_args_with_config(parser, argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = su.parse_args_with_config(make_parser(), argv)
     check_args(args)
     return args
 

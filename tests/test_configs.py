@@ -1,0 +1,42 @@
+"""configs/: accelerate configs that accelerate reads, and presets whose every key is a flag of their script."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+from peft_sara import script_utils
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PRESET_SCRIPTS = {
+    "paper_style.yaml": "train_text_to_image_sara",
+    "dreambooth.yaml": "train_dreambooth_sara",
+    "demo.yaml": "train_dreambooth_sara",
+}
+
+
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("single_gpu.yaml", "NO"), ("multi_gpu_ddp.yaml", "MULTI_GPU"), ("deepspeed_zero2.yaml", "DEEPSPEED")],
+)
+def test_accelerate_configs_load(name, distributed_type):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / "accelerate" / name))
+    assert config.distributed_type == distributed_type
+    if distributed_type == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_every_preset_names_a_known_script():
+    presets = sorted(path.name for path in (CONFIGS / "presets").glob("*.yaml"))
+    assert presets and set(presets) <= set(PRESET_SCRIPTS)
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (CONFIGS / "presets").glob("*.yaml")))
+def test_presets_use_only_known_flags(preset):
+    parser = load_script(PRESET_SCRIPTS[preset]).make_parser()
+    values = script_utils._read_config_file(parser, str(CONFIGS / "presets" / preset))
+    assert values and all(isinstance(key, str) for key in values)
