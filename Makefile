@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all lint benchmark clean
+.PHONY: test test-all lint demo demo-base benchmark clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: lint
 
 test-all: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# DreamBooth-SaRA end to end on the embedded tiny base (CPU, offline): writes demo/output/grid.png.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/run_demo.py
+
+# Rebuild the demo's pre-trained base (about 17 minutes on 2 CPU cores); the repository ships its result.
+demo-base: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/build_demo_base.py --output_dir demo/base
 
 # Issue 2, item 4: SaRA against the frozen floor and full fine-tuning on SD 1.5's UNet architecture.
 benchmark: $(STAMP)

@@ -931,3 +931,43 @@ def save_final_output(args, accelerator, run: SaRARun, step: int, instance_promp
         save_adapters(args.output_dir, unwrapped, base_model=args.pretrained_model_name_or_path)
         finish_output(args, accelerator, step=step, instance_prompt=instance_prompt)
     accelerator.end_training()
+
+
+def run_training_loop(args, accelerator, run: SaRARun, batch_loss, validate, num_examples: int) -> int:
+    """The optimization loop both scripts share: resume, skip the batches a resumed run has seen, reshuffle each
+    epoch as an uninterrupted run would, accumulate, clip, step, log, checkpoint and validate.
+
+    `batch_loss(batch)` returns the scalar loss of a batch; `validate(step)` samples the validation prompt.
+    Returns the optimizer step reached.
+    """
+    from tqdm.auto import tqdm
+
+    log_run_start(args, accelerator, run, num_examples)
+    global_step, first_epoch, batches_to_skip = resume(accelerator, args, run.updates_per_epoch)
+    progress = tqdm(
+        range(run.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(first_epoch, run.num_epochs):
+        for model in run.trained.values():
+            model.train()
+        batches = run.dataloader
+        if epoch == first_epoch and batches_to_skip:
+            batches = accelerator.skip_first_batches(run.dataloader, batches_to_skip)
+        batches.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also after a resume
+        for batch in batches:
+            with accelerator.accumulate(*run.trained.values()):
+                loss = batch_loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                global_step += 1
+                end_of_step(args, accelerator, run, progress, loss, global_step, validate)
+                if global_step >= run.max_train_steps:
+                    break
+        if args.validation_steps is None and (epoch + 1) % args.validation_epochs == 0:
+            validate(global_step)
+    return global_step

@@ -26,7 +26,6 @@ import torch
 from accelerate.logging import get_logger
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from peft_sara import script_utils as su
 
@@ -175,35 +174,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     def validate(step: int) -> None:
         su.validate(accelerator, args, run.trained, vae, run.text_encoder, tokenizer, noise_scheduler, step)
 
+    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return su.noise_prediction_loss(batch, vae, run, noise_scheduler, args).mean()
+
     # 2. Train, resuming from a checkpoint if asked.
-    su.log_run_start(args, accelerator, run, len(dataset))
-    global_step, first_epoch, batches_to_skip = su.resume(accelerator, args, run.updates_per_epoch)
-    progress = tqdm(
-        range(run.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
-    )
-    for epoch in range(first_epoch, run.num_epochs):
-        for model in run.trained.values():
-            model.train()
-        batches = run.dataloader
-        if epoch == first_epoch and batches_to_skip:
-            batches = accelerator.skip_first_batches(run.dataloader, batches_to_skip)
-        batches.set_epoch(epoch)  # the same shuffle as an uninterrupted run, also after a resume
-        for batch in batches:
-            with accelerator.accumulate(*run.trained.values()):
-                loss = su.noise_prediction_loss(batch, vae, run, noise_scheduler, args).mean()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
-                run.optimizer.step()
-                run.lr_scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            if accelerator.sync_gradients:
-                global_step += 1
-                su.end_of_step(args, accelerator, run, progress, loss, global_step, validate)
-                if global_step >= run.max_train_steps:
-                    break
-        if args.validation_steps is None and (epoch + 1) % args.validation_epochs == 0:
-            validate(global_step)
+    global_step = su.run_training_loop(args, accelerator, run, batch_loss, validate, len(dataset))
 
     # 3. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
     su.save_final_output(args, accelerator, run, global_step)
