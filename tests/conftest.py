@@ -215,3 +215,39 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def launch_two_cpu_processes(script: str, script_args: list[str]) -> list[str]:
+    """`accelerate launch` of a script on 2 CPU processes (gloo DDP) on a free port: see SPEC §6 for why each flag.
+
+    Run it with the environment from `two_process_env()`.
+    """
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        script,
+        *script_args,
+    ]
+
+
+def two_process_env() -> dict[str, str]:
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": repo_root}

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import load_script, tiny_unet, write_images
+from conftest import launch_two_cpu_processes, load_script, tiny_unet, two_process_env, write_images
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -137,51 +136,13 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(dreambooth_args, tmp_pa
         assert torch.allclose(actual[key].float(), expected[key].float(), atol=1e-6, rtol=0), key
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_with_accelerate(dreambooth_args, tmp_path):
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        SCRIPT,
-        *dreambooth_args,
-        "--output_dir",
-        str(output),
-        "--max_train_steps",
-        "2",
-        "--gradient_accumulation_steps",
-        "2",
-        "--checkpointing_steps",
-        "1",
-        "--with_prior_preservation",
-        "--class_prompt",
-        "a photo of dog",
-        "--class_data_dir",
-        str(tmp_path / "dog-class"),
-        "--num_class_images",
-        "3",
-        "--sample_batch_size",
-        "1",
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    extra = ["--output_dir", str(output), "--max_train_steps", "2", "--gradient_accumulation_steps", "2"]
+    extra += ["--checkpointing_steps", "1", "--with_prior_preservation", "--class_prompt", "a photo of dog"]
+    extra += ["--class_data_dir", str(tmp_path / "dog-class"), "--num_class_images", "3", "--sample_batch_size", "1"]
+    command = launch_two_cpu_processes(SCRIPT, dreambooth_args + extra)
+    result = subprocess.run(command, env=two_process_env(), capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert "Num processes = 2" in log, "two processes must really have run"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import tiny_unet, unet_inputs
+from conftest import launch_two_cpu_processes, tiny_unet, two_process_env, unet_inputs
 from peft import get_peft_model
 from torch import nn
 
@@ -195,35 +193,11 @@ def test_attach_refuses_what_it_cannot_train():
         attach(model, optimizer)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_end_with_identical_adapters(tmp_path):
     """DDP over gloo on CPU: each rank sees other data, yet regularises the same layers and ends identical."""
     worker = os.path.join(REPO_ROOT, "tests", "helpers", "ddp_train.py")
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        worker,
-        str(tmp_path),
-    ]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    command = launch_two_cpu_processes(worker, [str(tmp_path)])
+    result = subprocess.run(command, env=two_process_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rank_files = sorted(tmp_path.glob("rank*.pt"))
     assert len(rank_files) == 2, "two processes must really have run"
