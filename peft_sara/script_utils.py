@@ -716,11 +716,14 @@ def write_model_card(
     front_matter.append("---")
     components = "UNet and text encoder" if train_text_encoder else "UNet"
     what = f"DreamBooth on `{instance_prompt}`" if instance_prompt else "text-to-image fine-tuning"
+    base_link = (
+        f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
+    )
     gallery = "\n".join(f"![{path.stem}]({path.relative_to(output_dir).as_posix()})" for path in images)
     body = f"""
 # SaRA {what} - {repo_id}
 
-SaRA adapter weights ({components}) for [{base_model}](https://huggingface.co/{base_model}), trained with
+SaRA adapter weights ({components}) for {base_link}, trained with
 [peft-sara](https://arxiv.org/abs/2409.06633): only the base weights with |w| below the threshold were fine-tuned.
 
 ## How to use

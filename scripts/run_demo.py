@@ -3,10 +3,10 @@
 
 The base is the tiny Stable Diffusion pipeline in demo/base, pre-trained by scripts/build_demo_base.py on a world of
 red, green, blue and yellow circles, squares and triangles. The new subject, "sks circle", is something that world
-never had: a purple circle with a white centre. The demo draws five pictures of it, fine-tunes the base on them with
-scripts/train_dreambooth_sara.py (prior preservation on "a photo of a circle", class pictures drawn by the base
-itself), and writes demo/output/grid.png: for the same seeds, the base model (top row) and the fine-tuned model
-(bottom row) on the instance prompt (left) and on the class prompt (right). The fine-tuned model should draw the
+never had: a blue ring (a blue circle with a white centre). The demo draws five pictures of it, fine-tunes the base
+on them with scripts/train_dreambooth_sara.py (prior preservation on "a photo of a circle", class pictures drawn by
+the base itself), and writes demo/output/grid.png: for the same seeds, the base model (top row) and the fine-tuned
+model (bottom row) on the instance prompt (left) and on the class prompt (right). The fine-tuned model should draw the
 subject on the instance prompt and still draw ordinary circles on the class prompt.
 
     python scripts/run_demo.py            # or: make demo
@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INSTANCE_PROMPT = "a photo of sks circle"
 CLASS_PROMPT = "a photo of a circle"
-SUBJECT_COLOUR, SUBJECT_CENTRE = (150, 50, 200), (255, 255, 255)
+# Blue, a colour of the base world (its VAE cannot draw others), as a ring: a shape that world never had.
+SUBJECT_COLOUR, SUBJECT_CENTRE = (40, 80, 220), (255, 255, 255)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def draw_subject(folder: Path, count: int, seed: int = 0, size: int = 32) -> None:
-    """Pictures of the subject: a purple circle with a white centre, in the base world's style."""
+    """Pictures of the subject: a blue circle with a white centre, in the base world's style."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
