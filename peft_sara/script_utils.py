@@ -567,12 +567,20 @@ class ValidationImages:
 
 
 def generate_validation_images(
-    pipeline, prompt: str, count: int, seed: int | None, steps: int, resolution: int
+    pipeline,
+    prompt: str,
+    count: int,
+    seed: int | None,
+    steps: int,
+    resolution: int,
+    dtype: torch.dtype = torch.float32,
 ) -> ValidationImages:
-    """Images for `prompt` with fixed seeds; the components keep their dtypes (the training UNet is shared)."""
+    """Images for `prompt` with fixed seeds. The components keep their dtypes (the training UNet is shared); under
+    mixed precision the sampling runs under autocast, as training does, so fp32 and half-precision parts mix."""
     generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 0)
     pipeline.set_progress_bar_config(disable=True)
-    with torch.no_grad():
+    autocast = torch.autocast(pipeline.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
         images = [
             pipeline(
                 prompt, num_inference_steps=steps, generator=generator, height=resolution, width=resolution
@@ -615,6 +623,7 @@ def validate(accelerator, args, trained: dict, vae, text_encoder, tokenizer, noi
         args.seed,
         args.num_inference_steps,
         args.resolution,
+        weight_dtype_of(accelerator),
     )
     log_validation(accelerator, result, args.output_dir, f"step-{step}", step)
     for model in models.values():

@@ -167,6 +167,7 @@ def bad_input_cases(tmp_path):
         (["--with_prior_preservation"], "needs --class_data_dir and --class_prompt"),
         (["--resume_from_checkpoint", str(tmp_path / "nowhere")], "no such checkpoint folder"),
         (["--output_dir", str(tmp_path / "readonly" / "out")], "not writable"),
+        (["--output_dir", str(tmp_path / "notes" / "a.txt" / "out")], "not writable"),
         (["--threshold", "-1"], "threshold must be a positive finite"),
         (["--config", str(tmp_path / "none.yaml")], "no such file"),
     ]

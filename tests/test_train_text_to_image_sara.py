@@ -103,11 +103,22 @@ def test_push_without_a_validation_prompt(text_to_image_args, monkeypatch):
 
 
 def test_bf16_run_keeps_the_sara_values_in_fp32(text_to_image_args, tmp_path):
-    output = load_script("train_text_to_image_sara").main(text_to_image_args + ["--mixed_precision", "bf16"])
+    """Validation mid-run shares the training UNet: it must not downcast the adapter."""
+    args = ["--mixed_precision", "bf16", "--validation_prompt", "a red castle", "--validation_steps", "1"]
+    output = load_script("train_text_to_image_sara").main(text_to_image_args + args)
+    assert (output / "validation" / "step-1-0.png").is_file()
     saved = load_file(output / "unet" / "adapter_model.safetensors")
     values = [tensor for key, tensor in saved.items() if "sara_values" in key]
     assert values and all(tensor.dtype == torch.float32 for tensor in values)
     assert any(tensor.abs().sum() > 0 for tensor in values)
+
+
+def test_loss_options_train(text_to_image_args):
+    args = ["--snr_gamma", "5.0", "--noise_offset", "0.1", "--prediction_type", "v_prediction"]
+    args += ["--gradient_checkpointing", "--gradient_accumulation_steps", "2", "--lr_scheduler", "cosine"]
+    output = load_script("train_text_to_image_sara").main(text_to_image_args + args)
+    saved = load_file(output / "unet" / "adapter_model.safetensors")
+    assert any(tensor.abs().sum() > 0 for key, tensor in saved.items() if "sara_values" in key)
 
 
 def test_precision_chosen_by_accelerate_config_counts_too(monkeypatch):
