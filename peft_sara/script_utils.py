@@ -56,7 +56,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] 
         "--config",
         type=str,
         default=None,
-        help="YAML file of flag values (e.g. configs/dreambooth.yaml); flags given on the command line override it.",
+        help="YAML file of flag values (e.g. configs/presets/dreambooth.yaml); the command line overrides it.",
     )
     known, _ = parser.parse_known_args(argv)
     if known.config:
@@ -793,7 +793,7 @@ def updates_per_epoch(dataloader, num_processes: int, accumulation: int) -> int:
 # ------------------------------------------------------------------------------------------------ the training run
 
 
-def make_accelerator(args: argparse.Namespace, seedable_data: bool = True):
+def make_accelerator(args: argparse.Namespace):
     """The Accelerator of a run (precision, accumulation, trackers, logging folder), with logging and seeds set."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
@@ -803,7 +803,7 @@ def make_accelerator(args: argparse.Namespace, seedable_data: bool = True):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=seedable_data),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # reproducible shuffles, also on resume
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if args.seed is not None:
