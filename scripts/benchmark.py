@@ -1,9 +1,19 @@
-"""Training memory and step time of SaRA against its reference points, each method in a fresh process.
+"""Training memory and step time of SaRA against its peers, each method in a fresh process.
 
-Methods: `frozen` (the floor: UNet frozen, gradient only to the input), `full` (full fine-tuning with AdamW) and
-`sara` (this package, AdamW on the sparse values, `attach` with the paper's regulariser). Each runs a few training
-steps on the same model and batch; peak memory is CUDA's max allocated on a GPU and peak RSS on CPU, step time the
-median after a warm-up step. The SaRA budget of the tuner issue is checked on the measured figures:
+Methods (all with AdamW, weight decay 1e-2 unless said, gradient clipping 1.0):
+- `frozen`: the floor, UNet frozen, gradient only to the input;
+- `full`: full fine-tuning;
+- `sara`: this package, the sparse values of `target_fraction` of the Linear/Conv2d weights, `attach` with the
+  paper's regulariser;
+- `masked_dense`: selective fine-tuning with dense gradients and dense optimizer state, the gradient multiplied by
+  the same |w| < θ mask (LT-SFT style, the paper's comparison); no weight decay, so unselected entries stay put;
+- `lora_attention`: PEFT LoRA r=4 on the attention projections, as diffusers' LoRA scripts;
+- `lora_matched`: the same, at the rank whose trainable count is closest to SaRA's;
+- `supertuning`: PEFT Super-Tuning keeping the smallest weights (`select_top=False`) at SaRA's count, Linear only;
+- `shira`: PEFT SHiRA (random sparse) at the rank closest to SaRA's count, Linear only.
+Each runs a few training steps on the same model and batch; peak memory is CUDA's max allocated on a GPU and peak
+RSS on CPU, step time the median after a warm-up step; adapter methods also report bytes on disk and the time to
+load the adapter onto a fresh model. The SaRA budget of the tuner issue is checked on the measured figures:
 
     peak(sara) <= 1.10 * (peak(frozen) + 20 B * trainable values + bytes of the largest single weight)
     peak(sara) <= 0.5 * peak(full),   step(sara) <= step(full)
@@ -28,7 +38,9 @@ import time
 
 import torch
 
-METHODS = ("frozen", "full", "sara")
+METHODS = ("frozen", "full", "sara", "masked_dense", "lora_attention", "lora_matched", "supertuning", "shira")
+ADAPTER_METHODS = {"sara", "lora_attention", "lora_matched", "supertuning", "shira"}
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 # MALLOC_MMAP_THRESHOLD_ keeps glibc from recycling freed weight-sized blocks into a fragmented heap, which adds
 # several hundred MB of RSS at random (SPEC §6); every method runs with the same setting.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -59,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latent-size", type=int, default=32, help="Latent height and width (64 = 512 px).")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps after one warm-up step.")
     parser.add_argument("--target-fraction", type=float, default=0.058, help="Share of weights SaRA trains.")
-    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset of " + str(METHODS))
+    parser.add_argument(
+        "--methods", default="frozen,full,sara", help="Comma-separated subset of " + ", ".join(METHODS)
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--output", help="Write the results as JSON to this file.")
     parser.add_argument("--run-method", choices=METHODS, help=argparse.SUPPRESS)  # child process
@@ -75,7 +89,6 @@ def peak_memory_bytes(device: str) -> int:
 def run_method(args: argparse.Namespace) -> dict:
     """Build the model, train a few steps with one method and report its figures (runs in a child process)."""
     from diffusers import UNet2DConditionModel
-    from peft import get_peft_model
 
     import peft_sara
 
@@ -83,14 +96,11 @@ def run_method(args: argparse.Namespace) -> dict:
     device = args.device
     unet = UNet2DConditionModel(**unet_config(args.model)).to(device)
     largest_weight_bytes = max(p.numel() * p.element_size() for p in unet.parameters())
-    unet.requires_grad_(args.run_method == "full")
-    model, training = unet, None
-    if args.run_method == "sara":
-        model = get_peft_model(unet, peft_sara.SaRAConfig(target_fraction=args.target_fraction))
+    total_parameters = sum(p.numel() for p in unet.parameters())
+    model, weight_decay, masked_values = build_method(args.run_method, unet, args.target_fraction)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2) if trainable else None
-    if args.run_method == "sara":
-        training = peft_sara.attach(model, optimizer)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=weight_decay) if trainable else None
+    training = peft_sara.attach(model, optimizer) if args.run_method == "sara" else None
 
     config = unet.config
     latents = torch.randn(args.batch_size, config.in_channels, args.latent_size, args.latent_size, device=device)
@@ -116,7 +126,7 @@ def run_method(args: argparse.Namespace) -> dict:
             step_times.append(time.perf_counter() - start)
     peak_memory = peak_memory_bytes(device)  # before the save/load below, which builds a second model
     adapter_bytes = load_seconds = None
-    if args.run_method == "sara":
+    if args.run_method in ADAPTER_METHODS:
         adapter_bytes, load_seconds = save_and_load(model, args.model)
     return {
         "method": args.run_method,
@@ -125,11 +135,65 @@ def run_method(args: argparse.Namespace) -> dict:
         "adapter_load_seconds": load_seconds,
         "median_step_seconds": statistics.median(step_times),
         "step_seconds": step_times,
-        "trainable_values": sum(p.numel() for p in trainable),
-        "total_parameters": sum(p.numel() for p in unet.parameters()),
+        # what the method trains: for the masked dense baseline the masked entries, not its dense gradients
+        "trainable_values": masked_values if masked_values is not None else sum(p.numel() for p in trainable),
+        "values_with_gradients": sum(p.numel() for p in trainable),
+        "total_parameters": total_parameters,
         "largest_weight_bytes": largest_weight_bytes,
         "rank_loss": training.rank_loss if training else None,
     }
+
+
+def build_method(method: str, unet, target_fraction: float):
+    """The model to train with `method`, the AdamW weight decay to use, and (masked dense only) the count of masked
+    entries. Matched methods aim at the count SaRA trains, `target_fraction` of the Linear/Conv2d weights."""
+    from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
+
+    import peft_sara
+    from peft_sara.model import threshold_for_fraction
+
+    layers = {name: m for name, m in unet.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)}
+    linears = {name: m for name, m in layers.items() if type(m) is torch.nn.Linear}
+    attention = {
+        name: m for name, m in linears.items() if name.endswith(tuple("." + p for p in ATTENTION_PROJECTIONS))
+    }
+    target_count = round(target_fraction * sum(m.weight.numel() for m in layers.values()))
+    unet.requires_grad_(method == "full")
+    if method in ("frozen", "full"):
+        return unet, 1e-2, None
+    if method == "sara":
+        return get_peft_model(unet, peft_sara.SaRAConfig(target_fraction=target_fraction)), 1e-2, None
+    if method == "masked_dense":
+        threshold = threshold_for_fraction([m.weight for m in layers.values()], target_fraction)
+        masked = 0
+        for module in layers.values():
+            mask = module.weight.detach().abs() < threshold  # bool: 1 byte per weight, kept for the whole run
+            masked += int(mask.sum())
+            module.weight.requires_grad_(True)
+            module.weight.register_hook(lambda grad, mask=mask: grad * mask)
+        return unet, 0.0, masked
+    if method == "lora_attention":
+        config = LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=ATTENTION_PROJECTIONS)
+        return get_peft_model(unet, config), 1e-2, None
+    if method == "lora_matched":
+        rank = max(1, round(target_count / sum(m.in_features + m.out_features for m in attention.values())))
+        config = LoraConfig(
+            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ATTENTION_PROJECTIONS
+        )
+        return get_peft_model(unet, config), 1e-2, None
+    linear_weights = sum(m.weight.numel() for m in linears.values())
+    if method == "supertuning":
+        sparsity = max(0.0, 1 - target_count / linear_weights)
+        config = SupertuningConfig(target_modules=list(linears), sparsity=sparsity, select_top=False)
+        return get_peft_model(unet, config), 1e-2, None
+    if method == "shira":
+        rank = round(target_count / sum(m.in_features + m.out_features for m in linears.values()))
+        largest_allowed = min(
+            m.in_features * m.out_features // (m.in_features + m.out_features) for m in linears.values()
+        )
+        config = ShiraConfig(r=max(1, min(rank, largest_allowed)), target_modules=list(linears))
+        return get_peft_model(unet, config), 1e-2, None
+    raise ValueError(f"unknown method {method!r}")
 
 
 def save_and_load(model, model_name: str) -> tuple[int, float]:
@@ -170,18 +234,26 @@ def sara_budget_checks(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def markdown_table(results: dict[str, dict]) -> str:
-    gib = 1024**3
-    full = results.get("full")
+    """One row per method, with ratios to full fine-tuning and to LoRA (r=4 on attention) where those ran."""
+
+    def ratio(row: dict, key: str, reference: str) -> str:
+        return f"{row[key] / results[reference][key]:.2f}" if reference in results else "-"
+
+    def optional(value, scale: float, digits: int) -> str:
+        return "-" if value is None else f"{value / scale:.{digits}f}"
+
     lines = [
-        "| method | trainable | peak memory (GiB) | median step (s) | memory / full | time / full |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | trainable | peak memory (GiB) | median step (s) | memory / full | time / full | memory / LoRA "
+        "| time / LoRA | adapter (MiB) | adapter load (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in results.items():
-        ratio_memory = f"{row['peak_memory_bytes'] / full['peak_memory_bytes']:.2f}" if full else "-"
-        ratio_time = f"{row['median_step_seconds'] / full['median_step_seconds']:.2f}" if full else "-"
         lines.append(
-            f"| {name} | {row['trainable_values']:,} | {row['peak_memory_bytes'] / gib:.2f} | "
-            f"{row['median_step_seconds']:.2f} | {ratio_memory} | {ratio_time} |"
+            f"| {name} | {row['trainable_values']:,} | {row['peak_memory_bytes'] / 1024**3:.2f} "
+            f"| {row['median_step_seconds']:.2f} | {ratio(row, 'peak_memory_bytes', 'full')} "
+            f"| {ratio(row, 'median_step_seconds', 'full')} | {ratio(row, 'peak_memory_bytes', 'lora_attention')} "
+            f"| {ratio(row, 'median_step_seconds', 'lora_attention')} | {optional(row['adapter_bytes'], 2**20, 1)} "
+            f"| {optional(row['adapter_load_seconds'], 1, 1)} |"
         )
     return "\n".join(lines)
 
@@ -213,16 +285,9 @@ def main(argv=None) -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "run_method")},
         "results": results,
     }
-    if set(METHODS) <= set(results):
+    if {"frozen", "full", "sara"} <= set(results):
         report["sara_budget"] = sara_budget_checks(results)
     print(markdown_table(results))
-    if "sara" in results:
-        sara = results["sara"]
-        print(
-            f"SaRA adapter: {sara['adapter_bytes'] / 2**20:.1f} MiB on disk, "
-            f"{sara['adapter_bytes'] / sara['trainable_values']:.2f} bytes per trainable value, "
-            f"loaded in {sara['adapter_load_seconds']:.1f} s"
-        )
     for name, check in report.get("sara_budget", {}).items():
         print(f"{name}: {check['value']:.3f} (target {check['target']}) {'ok' if check['passes'] else 'MISSED'}")
     if args.output:

@@ -14,31 +14,26 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
     output = tmp_path / "bench.json"
-    command = [
-        sys.executable,
-        SCRIPT,
-        "--model",
-        "small",
-        "--steps",
-        "1",
-        "--latent-size",
-        "16",
-        "--output",
-        str(output),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    methods = "frozen,full,sara,masked_dense,lora_attention,lora_matched,supertuning,shira"
+    command = [sys.executable, SCRIPT, "--model", "small", "--steps", "1", "--latent-size", "16", "--methods", methods]
+    result = subprocess.run(command + ["--output", str(output)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
-    assert set(report["results"]) == {"frozen", "full", "sara"}
-    full, sara = report["results"]["full"], report["results"]["sara"]
-    assert full["trainable_values"] == full["total_parameters"]
+    results = report["results"]
+    assert list(results) == methods.split(",")
+    full, sara = results["full"], results["sara"]
+    assert full["trainable_values"] == full["total_parameters"] and results["frozen"]["trainable_values"] == 0
     assert 0 < sara["trainable_values"] < 0.1 * sara["total_parameters"]
-    assert report["results"]["frozen"]["trainable_values"] == 0
+    for matched in ("masked_dense", "lora_matched", "supertuning", "shira"):  # same budget as SaRA, within 5%
+        assert abs(results[matched]["trainable_values"] / sara["trainable_values"] - 1) < 0.05, matched
+    assert results["masked_dense"]["values_with_gradients"] > 10 * sara["trainable_values"]  # dense gradients
+    assert results["lora_attention"]["trainable_values"] < sara["trainable_values"]
+    assert all(row["peak_memory_bytes"] > 0 and row["median_step_seconds"] > 0 for row in results.values())
     assert 0 < sara["adapter_bytes"] <= 8 * sara["trainable_values"] + 65536  # header: about 200 B per tensor
-    assert sara["adapter_load_seconds"] > 0
-    assert all(row["peak_memory_bytes"] > 0 and row["median_step_seconds"] > 0 for row in report["results"].values())
+    assert all(results[name]["adapter_load_seconds"] > 0 for name in ("sara", "lora_attention", "shira"))
+    assert results["full"]["adapter_bytes"] is None
     assert set(report["sara_budget"]) == {"memory_vs_frozen_budget", "memory_vs_full", "time_vs_full"}
-    assert "| sara |" in result.stdout
+    assert "| sara |" in result.stdout and "memory / LoRA" in result.stdout
 
 
 def test_unknown_method_is_refused():
