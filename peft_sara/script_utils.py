@@ -560,34 +560,25 @@ def resume(accelerator, args: argparse.Namespace, updates_per_epoch: int) -> tup
 # ---------------------------------------------------------------------------------------------- validation and output
 
 
-@dataclass
-class ValidationImages:
-    prompt: str
-    images: list[Image.Image]
-
-
 def generate_validation_images(
-    pipeline,
-    prompt: str,
-    count: int,
-    seed: int | None,
-    steps: int,
-    resolution: int,
-    dtype: torch.dtype = torch.float32,
-) -> ValidationImages:
-    """Images for `prompt` with fixed seeds. The components keep their dtypes (the training UNet is shared); under
-    mixed precision the sampling runs under autocast, as training does, so fp32 and half-precision parts mix."""
-    generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else 0)
+    pipeline, args: argparse.Namespace, dtype: torch.dtype = torch.float32
+) -> list[Image.Image]:
+    """--num_validation_images images of --validation_prompt with a fixed seed. The components keep their dtypes (the
+    training UNet is shared); under mixed precision the sampling runs under autocast, as training does."""
+    generator = torch.Generator(device="cpu").manual_seed(args.seed if args.seed is not None else 0)
     pipeline.set_progress_bar_config(disable=True)
     autocast = torch.autocast(pipeline.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
-        images = [
+        return [
             pipeline(
-                prompt, num_inference_steps=steps, generator=generator, height=resolution, width=resolution
+                args.validation_prompt,
+                num_inference_steps=args.num_inference_steps,
+                generator=generator,
+                height=args.resolution,
+                width=args.resolution,
             ).images[0]
-            for _ in range(count)
+            for _ in range(args.num_validation_images)
         ]
-    return ValidationImages(prompt, images)
 
 
 def validation_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
@@ -616,16 +607,8 @@ def validate(accelerator, args, trained: dict, vae, text_encoder, tokenizer, noi
     pipeline = validation_pipeline(
         vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"], noise_scheduler
     ).to(accelerator.device)
-    result = generate_validation_images(
-        pipeline,
-        args.validation_prompt,
-        args.num_validation_images,
-        args.seed,
-        args.num_inference_steps,
-        args.resolution,
-        weight_dtype_of(accelerator),
-    )
-    log_validation(accelerator, result, args.output_dir, f"step-{step}", step)
+    images = generate_validation_images(pipeline, args, weight_dtype_of(accelerator))
+    log_validation(accelerator, images, args.output_dir, f"step-{step}", step)
     for model in models.values():
         model.train()
 
@@ -647,15 +630,9 @@ def finish_output(args: argparse.Namespace, accelerator, step: int, instance_pro
         )
         load_sara_weights(pipeline, args.output_dir)
         pipeline.to(accelerator.device)
-        result = generate_validation_images(
-            pipeline,
-            args.validation_prompt,
-            args.num_validation_images,
-            args.seed,
-            args.num_inference_steps,
-            args.resolution,
+        images = log_validation(
+            accelerator, generate_validation_images(pipeline, args), args.output_dir, "final", step
         )
-        images = log_validation(accelerator, result, args.output_dir, "final", step)
     repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
     write_model_card(
         args.output_dir,
@@ -670,18 +647,18 @@ def finish_output(args: argparse.Namespace, accelerator, step: int, instance_pro
         push_output_to_hub(args.output_dir, repo_id, args.hub_token)
 
 
-def log_validation(accelerator, result: ValidationImages, output_dir: str, tag: str, step: int) -> list[Path]:
+def log_validation(accelerator, images: list[Image.Image], output_dir: str, tag: str, step: int) -> list[Path]:
     """Save the images as PNGs under output_dir/validation and send them to the trackers."""
     folder = Path(output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for index, image in enumerate(result.images):
+    for index, image in enumerate(images):
         path = folder / f"{tag}-{index}.png"
         image.save(path)
         paths.append(path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            stacked = np.stack([np.asarray(image) for image in result.images])
+            stacked = np.stack([np.asarray(image) for image in images])
             tracker.writer.add_images(tag, stacked, step, dataformats="NHWC")
     return paths
 

@@ -70,8 +70,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise su.UserInputError(
             "Give exactly one of --train_data_dir (a local folder) and --dataset_name (a Hub dataset)."
         )
-    if args.train_data_dir:
-        read_captioned_folder(args.train_data_dir, args.caption_column)
+    # verified once here, before any model loads, and used by main
+    args.folder_examples = (
+        read_captioned_folder(args.train_data_dir, args.caption_column) if args.train_data_dir else None
+    )
     if args.max_train_samples is not None and args.max_train_samples < 1:
         raise su.UserInputError(f"--max_train_samples must be at least 1, got {args.max_train_samples}.")
 
@@ -136,7 +138,7 @@ class CaptionedImages(Dataset):
 
 def load_examples(args: argparse.Namespace) -> list[tuple[object, str | list[str]]]:
     if args.train_data_dir:
-        examples = read_captioned_folder(args.train_data_dir, args.caption_column)
+        examples = list(args.folder_examples)
     else:
         try:
             import datasets
