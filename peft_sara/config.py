@@ -9,6 +9,8 @@ from peft.config import PeftConfig
 
 from .peft_type import SARA
 
+SELECTIONS = ("smallest", "largest", "random")
+
 
 @dataclass
 class SaRAConfig(PeftConfig):
@@ -42,6 +44,17 @@ class SaRAConfig(PeftConfig):
                 "whose weight scales differ from SD 1.5 (SDXL, SD3, text encoders). When the adapter is created the "
                 "resolved θ is written to `threshold` and this field is cleared, so a saved config records the θ "
                 "actually used."
+            )
+        },
+    )
+    selection: str = field(
+        default="smallest",
+        metadata={
+            "help": (
+                "Which entries of each targeted weight are trained. 'smallest' (SaRA): those with |w| < θ. 'largest' "
+                "and 'random' train as many entries per weight as 'smallest' would, but the largest-magnitude ones or "
+                "uniformly random ones (drawn from torch's global RNG): the paper's ablations (Table 2). They cannot "
+                "be combined with `progressive_step`, whose re-selection is defined by θ."
             )
         },
     )
@@ -136,6 +149,14 @@ class SaRAConfig(PeftConfig):
             raise ValueError(
                 f"target_fraction must lie strictly between 0 and 1 (e.g. 0.058 for the paper's 5.8%), got "
                 f"{self.target_fraction}."
+            )
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
+        if self.selection != "smallest" and self.progressive_step is not None:
+            raise ValueError(
+                f"selection={self.selection!r} cannot be combined with progressive_step: the progressive step keeps "
+                "the entries still below θ, which only means something for selection='smallest'. Set "
+                "progressive_step=None."
             )
         if not math.isfinite(self.lambda_rank) or self.lambda_rank < 0:
             raise ValueError(f"lambda_rank must be >= 0 (the paper uses 5e-3; 0 disables it), got {self.lambda_rank}.")

@@ -30,9 +30,19 @@ def index_dtype_for(numel: int) -> torch.dtype:
     return torch.int32 if numel <= INDEX_DTYPE_LIMIT else torch.int64
 
 
-def select_small_entries(tensor: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Sorted flat positions of the entries with |w| < threshold, compared in fp32 whatever the tensor's dtype."""
-    positions = (tensor.detach().float().abs() < threshold).reshape(-1).nonzero().squeeze(1)
+def select_entries(tensor: torch.Tensor, threshold: float, selection: str = "smallest") -> torch.Tensor:
+    """Sorted flat positions of the trainable entries: those with |w| < threshold (compared in fp32 whatever the
+    tensor's dtype), or as many of the largest-magnitude or of random entries (see `SaRAConfig.selection`)."""
+    magnitudes = tensor.detach().float().abs().reshape(-1)
+    small = magnitudes < threshold
+    if selection == "smallest":
+        positions = small.nonzero().squeeze(1)
+    elif selection == "largest":
+        positions = magnitudes.topk(int(small.sum())).indices.sort().values
+    elif selection == "random":
+        positions = torch.randperm(magnitudes.numel())[: int(small.sum())].to(magnitudes.device).sort().values
+    else:
+        raise ValueError(f"unknown selection {selection!r}")
     return positions.to(index_dtype_for(tensor.numel()))
 
 
@@ -212,7 +222,7 @@ class SaRALayer(BaseTunerLayer):
 
     @staticmethod
     def _add_sparse_update(adapter_name, base_tensor, config, index_dict, value_dict) -> None:
-        indices = select_small_entries(base_tensor, config.threshold)
+        indices = select_entries(base_tensor, config.threshold, config.selection)
         if config.init_weights:
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=base_tensor.device)
         else:

@@ -24,6 +24,8 @@ def test_defaults_are_the_papers():
         (dict(target_fraction=1.5), "target_fraction"),
         (dict(lambda_rank=-1.0), "lambda_rank"),
         (dict(progressive_step=-5), "progressive_step"),
+        (dict(selection="smallest_first"), "selection must be one of smallest, largest, random"),
+        (dict(selection="random", progressive_step=10), "cannot be combined with progressive_step"),
     ],
 )
 def test_config_validation(kwargs, message):

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_sara import SaRAConfig
-from peft_sara.layer import Conv2d, Linear, select_small_entries
+from peft_sara.layer import Conv2d, Linear, select_entries
 
 
 def sara_layer(base: nn.Module, threshold: float = 0.1, init_weights: bool = False, **config) -> nn.Module:
@@ -38,11 +38,24 @@ def dense_reference(layer, x: torch.Tensor, grad_output: torch.Tensor):
 
 def test_selection_is_exactly_the_small_entries_in_fp32():
     weight = torch.tensor([[0.5, -0.01, 0.02], [-0.03, 0.0, 0.2]])
-    assert select_small_entries(weight, 0.025).tolist() == [1, 2, 4]
+    assert select_entries(weight, 0.025).tolist() == [1, 2, 4]
     # the comparison is made in fp32, so an fp16 weight selects what its fp32 value selects
     half = torch.tensor([0.0999755859375, 0.10009765625], dtype=torch.float16)
-    assert select_small_entries(half, 0.1).tolist() == [0]
-    assert select_small_entries(weight, 0.025).dtype == torch.int32
+    assert select_entries(half, 0.1).tolist() == [0]
+    assert select_entries(weight, 0.025).dtype == torch.int32
+
+
+def test_largest_and_random_selections_train_as_many_entries_as_the_smallest():
+    weight = torch.tensor([[0.5, -0.01, 0.02], [-0.03, 0.0, -0.2]])
+    assert select_entries(weight, 0.025, "largest").tolist() == [0, 3, 5]
+    big = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
+    smallest = select_entries(big, 0.1)
+    torch.manual_seed(1)
+    random = select_entries(big, 0.1, "random")
+    assert random.numel() == smallest.numel() and random.dtype == torch.int32
+    assert bool((random[1:] > random[:-1]).all()) and not torch.equal(random, smallest)
+    torch.manual_seed(1)
+    assert torch.equal(select_entries(big, 0.1, "random"), random)  # torch's global RNG decides
 
 
 def test_trainable_count_equals_small_entries():

@@ -163,6 +163,28 @@ def test_adapter_trained_on_fp32_loads_onto_fp16_base_at_the_same_positions(tmp_
         assert module.sara_values["default"].requires_grad
 
 
+@pytest.mark.parametrize("selection", ["largest", "random"])
+def test_ablation_selections_match_the_smallest_count_per_layer_and_reload(tmp_path, selection):
+    smallest = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02))
+    ablated = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02, selection=selection, init_weights=False))
+    counts = {
+        name: layer.sara_indices["default"].numel()
+        for name, layer in smallest.named_modules()
+        if isinstance(layer, SaRALayer)
+    }
+    layers = {name: layer for name, layer in ablated.named_modules() if isinstance(layer, SaRALayer)}
+    assert {name: layer.sara_indices["default"].numel() for name, layer in layers.items()} == counts
+    for layer in layers.values():
+        magnitudes = layer.get_base_layer().weight.detach().abs().reshape(-1)
+        chosen = magnitudes[layer.sara_indices["default"].long()]
+        assert selection == "random" or chosen.min() >= magnitudes.kthvalue(magnitudes.numel() - chosen.numel() + 1)[0]
+    ablated.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_unet(), tmp_path)  # the saved positions, not a new draw
+    for name, layer in loaded.named_modules():
+        if isinstance(layer, SaRALayer):
+            assert torch.equal(layer.sara_indices["default"], layers[name].sara_indices["default"])
+
+
 def test_adapter_size_on_disk(tmp_path):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
