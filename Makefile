@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all lint demo demo-base benchmark clean
+.PHONY: test test-all lint demo demo-base benchmark quality clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test,train]"
+	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test,train,bench]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -33,9 +33,15 @@ demo: $(STAMP)
 demo-base: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/build_demo_base.py --output_dir demo/base
 
-# Issue 2, item 4: SaRA against the frozen floor and full fine-tuning on SD 1.5's UNet architecture.
+# SaRA against its peers on SD 1.5's UNet architecture, at the paper's 50M (docs/benchmarks.md has every setting).
 benchmark: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark_memory.py --output docs/benchmark_memory.json
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py --model sd15 --batch-size 1 --latent-size 32 --steps 3 \
+		--target-fraction 0.058 --methods frozen,full,sara,masked_dense,lora_attention,lora_matched,supertuning,shira \
+		--output docs/benchmark_sd15_peers.json --plot docs/benchmark_sd15_peers.png
+
+# Target fit against prior drift on the demo's tiny base (about 50 minutes on 2 CPU cores): docs/quality/.
+quality: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/quality_study.py --output_dir docs/quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

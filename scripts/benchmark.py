@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--output", help="Write the results as JSON to this file.")
+    parser.add_argument("--plot", help="Draw peak memory and step time per method into this PNG file.")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="FILE",
+        help="Plot these saved results (files written by --output) into --plot, side by side, without running.",
+    )
     parser.add_argument("--run-method", choices=METHODS, help=argparse.SUPPRESS)  # child process
     return parser.parse_args(argv)
 
@@ -144,9 +152,10 @@ def run_method(args: argparse.Namespace) -> dict:
     }
 
 
-def build_method(method: str, unet, target_fraction: float):
+def build_method(method: str, unet, target_fraction: float, sara_config=None):
     """The model to train with `method`, the AdamW weight decay to use, and (masked dense only) the count of masked
-    entries. Matched methods aim at the count SaRA trains, `target_fraction` of the Linear/Conv2d weights."""
+    entries. Matched methods aim at the count SaRA trains, `target_fraction` of the Linear/Conv2d weights.
+    `sara_config` replaces SaRA's default configuration (its `target_fraction` should be the same)."""
     from peft import LoraConfig, ShiraConfig, SupertuningConfig, get_peft_model
 
     import peft_sara
@@ -162,7 +171,8 @@ def build_method(method: str, unet, target_fraction: float):
     if method in ("frozen", "full"):
         return unet, 1e-2, None
     if method == "sara":
-        return get_peft_model(unet, peft_sara.SaRAConfig(target_fraction=target_fraction)), 1e-2, None
+        config = sara_config or peft_sara.SaRAConfig(target_fraction=target_fraction)
+        return get_peft_model(unet, config), 1e-2, None
     if method == "masked_dense":
         threshold = threshold_for_fraction([m.weight for m in layers.values()], target_fraction)
         masked = 0
@@ -258,10 +268,50 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def setting_label(report: dict) -> str:
+    settings = report["settings"]
+    trainable = report["results"].get("sara", {}).get("trainable_values")
+    count = f"SaRA {trainable / 1e6:.1f}M" if trainable else f"fraction {settings['target_fraction']}"
+    return f"{settings['model']}, batch {settings['batch_size']}, {count}"
+
+
+def plot_reports(reports: list[dict], path: str) -> None:
+    """Bars of peak memory and median step time per method, one bar per report (setting) within each method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if any(m in report["results"] for report in reports)]
+    figure, axes = plt.subplots(2, 1, figsize=(12, 7.5))
+    width = 0.8 / len(reports)
+    for axis, key, scale, label in (
+        (axes[0], "peak_memory_bytes", 1024**3, "peak memory (GiB)"),
+        (axes[1], "median_step_seconds", 1, "median step time (s)"),
+    ):
+        for position, report in enumerate(reports):
+            xs = [index + (position - (len(reports) - 1) / 2) * width for index in range(len(methods))]
+            heights = [report["results"][m][key] / scale if m in report["results"] else float("nan") for m in methods]
+            axis.bar(xs, heights, width, label=setting_label(report))
+        axis.set_xticks(range(len(methods)), methods)
+        axis.set_ylabel(label)
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"Training cost per method ({reports[0]['device']}, torch {reports[0]['torch']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.run_method:
         print(json.dumps(run_method(args)))
+        return
+    if args.from_json:
+        if not args.plot:
+            sys.exit("error: --from-json only plots saved results: give the PNG file with --plot.")
+        plot_reports([json.loads(Path(file).read_text()) for file in args.from_json], args.plot)
         return
     methods = [method.strip() for method in args.methods.split(",")]
     unknown = sorted(set(methods) - set(METHODS))
@@ -294,6 +344,8 @@ def main(argv=None) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
             json.dump(report, handle, indent=2)
+    if args.plot:
+        plot_reports([report], args.plot)
 
 
 if __name__ == "__main__":

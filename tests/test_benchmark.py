@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
 
@@ -16,7 +17,10 @@ def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
     output = tmp_path / "bench.json"
     methods = "frozen,full,sara,masked_dense,lora_attention,lora_matched,supertuning,shira"
     command = [sys.executable, SCRIPT, "--model", "small", "--steps", "1", "--latent-size", "16", "--methods", methods]
-    result = subprocess.run(command + ["--output", str(output)], capture_output=True, text=True, timeout=900)
+    plot = tmp_path / "bench.png"
+    result = subprocess.run(
+        command + ["--output", str(output), "--plot", str(plot)], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
     results = report["results"]
@@ -34,6 +38,20 @@ def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
     assert results["full"]["adapter_bytes"] is None
     assert set(report["sara_budget"]) == {"memory_vs_frozen_budget", "memory_vs_full", "time_vs_full"}
     assert "| sara |" in result.stdout and "memory / LoRA" in result.stdout
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
+    # saved runs are plotted side by side without running anything
+    replot = subprocess.run(
+        [sys.executable, SCRIPT, "--from-json", str(output), str(output), "--plot", str(tmp_path / "both.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert replot.returncode == 0, replot.stderr[-2000:]
+    with Image.open(tmp_path / "both.png") as image:
+        assert image.format == "PNG"
+    no_plot = subprocess.run([sys.executable, SCRIPT, "--from-json", str(output)], capture_output=True, text=True)
+    assert no_plot.returncode != 0 and "--plot" in no_plot.stderr
 
 
 def test_unknown_method_is_refused():
