@@ -47,19 +47,24 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     return make_parser().parse_known_args(argv)
 
 
+def subject_picture(rng: random.Random, size: int = 32) -> Image.Image:
+    """One picture of the subject: a blue circle with a white centre, in the base world's style."""
+    image = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    radius = rng.uniform(0.26, 0.36) * size
+    cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
+    draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=SUBJECT_COLOUR)
+    inner = radius * 0.4
+    draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=SUBJECT_CENTRE)
+    return image
+
+
 def draw_subject(folder: Path, count: int, seed: int = 0, size: int = 32) -> None:
-    """Pictures of the subject: a blue circle with a white centre, in the base world's style."""
+    """Save `count` pictures of the subject in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for index in range(count):
-        image = Image.new("RGB", (size, size), tuple(rng.randint(225, 255) for _ in range(3)))
-        draw = ImageDraw.Draw(image)
-        radius = rng.uniform(0.26, 0.36) * size
-        cx, cy = rng.uniform(radius, size - radius), rng.uniform(radius, size - radius)
-        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=SUBJECT_COLOUR)
-        inner = radius * 0.4
-        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=SUBJECT_CENTRE)
-        image.save(folder / f"sks-{index}.png")
+        subject_picture(rng, size).save(folder / f"sks-{index}.png")
 
 
 def sample_row(pipeline, prompts: list[str], seeds: list[int], steps: int) -> list[Image.Image]:
@@ -71,10 +76,12 @@ def sample_row(pipeline, prompts: list[str], seeds: list[int], steps: int) -> li
     return images
 
 
-def write_grid(rows: dict[str, list[Image.Image]], columns: list[str], path: Path, scale: int = 4) -> None:
+def write_grid(
+    rows: dict[str, list[Image.Image]], columns: list[str], path: Path, scale: int = 4, label_width: int = 90
+) -> None:
     """A labelled grid: one row per model, one column per (prompt, seed)."""
     cell = rows[next(iter(rows))][0].width * scale
-    label_width, header = 90, 28
+    header = 28
     grid = Image.new("RGB", (label_width + cell * len(columns), header + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     for column, title in enumerate(columns):
