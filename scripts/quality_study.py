@@ -78,12 +78,16 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base_dir", default=str(SCRIPTS_DIR.parent / "demo" / "base"), help="The tiny base.")
     parser.add_argument("--output_dir", default=str(SCRIPTS_DIR.parent / "docs" / "quality"), help="Results folder.")
-    parser.add_argument("--targets", nargs="+", default=["subject", "style"], choices=["subject", "style"])
+    parser.add_argument(
+        "--targets", nargs="+", default=["subject", "style"], choices=["subject", "style"], help="What to learn."
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="Methods compared.")
     parser.add_argument(
         "--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS), help="SaRA ablations to run."
     )
-    parser.add_argument("--ablation_target", default="style", choices=["subject", "style"], help="Their target.")
+    parser.add_argument(
+        "--ablation_target", default="style", choices=["subject", "style"], help="The target the ablations learn."
+    )
     parser.add_argument(
         "--learning_rates",
         nargs="+",
@@ -138,6 +142,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserInputError(f"--target_fraction must lie between 0 and 1, got {args.target_fraction}.")
     if args.ablations and "sara" not in args.methods:
         raise UserInputError("--ablations are compared with SaRA: keep sara in --methods or pass --ablations alone.")
+    if args.ablations and args.ablation_target not in args.targets:
+        raise UserInputError(
+            f"--ablations run on --ablation_target {args.ablation_target}, which is not in --targets: add it, or pass "
+            "--ablations alone to run none."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -465,7 +474,7 @@ def main(argv=None) -> list[dict]:
         for method in args.methods:
             for lr in args.learning_rates[method]:
                 run_setting(target, method, method, {}, lr)
-    if args.ablations and args.ablation_target in args.targets:
+    if args.ablations:
         # the ablations train at the learning rate where SaRA fits the target best
         sara_lr = best_learning_rate(summarise(runs), args.ablation_target, "sara")
         for name in args.ablations:

@@ -86,6 +86,7 @@ def test_short_study_writes_table_plot_grids_and_consistent_results(tmp_path):
         (["--base_dir", "/nonexistent"], "holds no pipeline"),
         (["--max_train_steps", "0"], "--max_train_steps must be at least 1"),
         (["--methods", "lora_matched"], "keep sara in --methods"),
+        (["--targets", "subject"], "not in --targets"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(flags, message):
