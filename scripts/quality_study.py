@@ -423,21 +423,23 @@ def main(argv=None) -> list[dict]:
         held_out[target] = encode(pipeline, *target_pictures(target, args.num_eval_images, seed=1))
     target_noise = FixedNoise.draw(args.num_eval_images, args.noise_draws, latent_shape, num_timesteps, seed=4321)
 
-    def measure(unet, target: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    def measure_target(unet, target: str) -> tuple[float, np.ndarray]:
+        """Held-out target loss, and samples of the target's prompts (the grid's left columns)."""
         target_samples = samples(
             pipeline, unet, target_prompts(target), args.sample_seeds[:2], args.num_inference_steps
         )
-        world_samples = samples(pipeline, unet, BASE_WORLD_PROMPTS, args.sample_seeds, args.num_inference_steps)
-        losses = {
-            "target_loss": diffusion_loss(unet, training_scheduler, held_out[target], target_noise),
-            "prior_loss": diffusion_loss(unet, training_scheduler, prior, prior_noise),
-        }
-        return losses, target_samples, world_samples
+        return diffusion_loss(unet, training_scheduler, held_out[target], target_noise), target_samples
 
-    base, base_world_samples, grids = {}, None, {}
+    def measure_prior(unet) -> tuple[float, np.ndarray]:
+        """Held-out base-world loss, and samples of the base world's prompts (for the pixel drift)."""
+        world_samples = samples(pipeline, unet, BASE_WORLD_PROMPTS, args.sample_seeds, args.num_inference_steps)
+        return diffusion_loss(unet, training_scheduler, prior, prior_noise), world_samples
+
+    base_prior_loss, base_world_samples = measure_prior(base_unet)
+    base, grids = {}, {}
     for target in args.targets:
-        losses, target_samples, base_world_samples = measure(base_unet, target)
-        base[target] = losses
+        target_loss, target_samples = measure_target(base_unet, target)
+        base[target] = {"target_loss": target_loss, "prior_loss": base_prior_loss}
         grids[target] = {"base": np.concatenate([target_samples, base_world_samples[:: len(args.sample_seeds)]])}
     print(f"base model: {json.dumps(base)}", flush=True)
 
@@ -448,15 +450,17 @@ def main(argv=None) -> list[dict]:
             unet, facts = train(
                 base_unet, training_scheduler, training_sets[target], method, overrides, lr, seed, args
             )
-            losses, target_samples, world_samples = measure(unet, target)
+            target_loss, target_samples = measure_target(unet, target)
+            prior_loss, world_samples = measure_prior(unet)
             run = {
                 "target": target,
                 "variant": variant,
                 "learning_rate": lr,
                 "seed": seed,
                 **facts,
-                **losses,
-                "prior_loss_increase": losses["prior_loss"] - base[target]["prior_loss"],
+                "target_loss": target_loss,
+                "prior_loss": prior_loss,
+                "prior_loss_increase": prior_loss - base_prior_loss,
                 "pixel_drift": float(np.abs(world_samples - base_world_samples).mean()),
             }
             runs.append(run)
