@@ -20,18 +20,55 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
 from torch.utils.data import Dataset
 
-from peft_sara import script_utils as su
+import peft_sara
+from peft_sara.script_utils.arguments import (
+    add_model_and_output_arguments,
+    add_sara_arguments,
+    add_training_arguments,
+    add_validation_and_hub_arguments,
+    parse_args_with_config,
+    tracker_config,
+)
+from peft_sara.script_utils.checkpoints import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_checkpoint_adapters,
+    read_run_settings,
+    register_checkpointing,
+    resume_settings,
+    run_settings,
+)
+from peft_sara.script_utils.checks import check_common_arguments
+from peft_sara.script_utils.cli import UserInputError, get_logger, run_main
+from peft_sara.script_utils.data import (
+    CachedLatents,
+    ImageTransform,
+    list_images,
+    make_dataloader,
+    readable_images,
+    tokenize,
+)
+from peft_sara.script_utils.loop import LoopSettings, log_run_start, max_train_steps_of, train, updates_per_epoch
+from peft_sara.script_utils.loss import noise_prediction_loss
+from peft_sara.script_utils.models import (
+    add_sara_adapter,
+    freeze,
+    load_base_models,
+    sara_configs,
+    weight_dtype_of,
+)
+from peft_sara.script_utils.output import finish_output, lock_output_dir, save_adapters
+from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.validation import ValidationSettings, validate_in_training
 
 logger = get_logger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="DreamBooth fine-tuning of Stable Diffusion with SaRA.")
-    su.add_model_and_output_arguments(parser, default_output_dir="sara-dreambooth-model")
+    add_model_and_output_arguments(parser, default_output_dir="sara-dreambooth-model")
     group = parser.add_argument_group("DreamBooth data")
     group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images of the subject.")
     group.add_argument(
@@ -58,31 +95,31 @@ def make_parser() -> argparse.ArgumentParser:
         choices=["fp32", "fp16", "bf16"],
         help="dtype of class-image generation (default: fp16 on a GPU, else fp32).",
     )
-    su.add_sara_arguments(parser)
-    su.add_training_arguments(parser)
-    su.add_validation_and_hub_arguments(parser)
+    add_sara_arguments(parser)
+    add_training_arguments(parser)
+    add_validation_and_hub_arguments(parser)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = su.parse_args_with_config(make_parser(), argv)
+    args = parse_args_with_config(make_parser(), argv)
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model, so that bad input fails in a second, not after loading."""
-    su.check_common_arguments(args)
+    check_common_arguments(args)
     if not args.instance_data_dir or not args.instance_prompt:
-        raise su.UserInputError("--instance_data_dir and --instance_prompt are required.")
-    args.instance_images = su.list_images(args.instance_data_dir, "--instance_data_dir")  # verified once, used by main
+        raise UserInputError("--instance_data_dir and --instance_prompt are required.")
+    args.instance_images = list_images(args.instance_data_dir, "--instance_data_dir")  # verified once, used by main
     if args.with_prior_preservation:
         if not args.class_data_dir or not args.class_prompt:
-            raise su.UserInputError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
+            raise UserInputError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
         if args.num_class_images < 1:
-            raise su.UserInputError(f"--num_class_images must be at least 1, got {args.num_class_images}.")
+            raise UserInputError(f"--num_class_images must be at least 1, got {args.num_class_images}.")
         if os.path.exists(args.class_data_dir) and not os.path.isdir(args.class_data_dir):
-            raise su.UserInputError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
+            raise UserInputError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir and --class_prompt are ignored without --with_prior_preservation.")
 
@@ -92,8 +129,8 @@ class DreamBoothDataset(Dataset):
 
     def __init__(self, instance_images, instance_prompt, class_images, class_prompt, tokenizer, transform) -> None:
         self.instance_images, self.class_images, self.transform = instance_images, class_images, transform
-        self.instance_ids = su.tokenize(tokenizer, instance_prompt)
-        self.class_ids = su.tokenize(tokenizer, class_prompt) if class_images else None
+        self.instance_ids = tokenize(tokenizer, instance_prompt)
+        self.class_ids = tokenize(tokenizer, class_prompt) if class_images else None
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
@@ -125,14 +162,14 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.stack(pixels), "input_ids": torch.stack(ids)}
 
 
-def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) -> None:
-    """Fill --class_data_dir up to --num_class_images with the base model's images of --class_prompt, the work
-    split over all processes."""
+def generate_class_images(args: argparse.Namespace, accelerator) -> None:
+    """Fill --class_data_dir up to --num_class_images readable images with the base model's images of
+    --class_prompt, the work split over all processes."""
     from diffusers import StableDiffusionPipeline
 
     class_dir = Path(args.class_data_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
-    existing = len([path for path in class_dir.iterdir() if path.suffix.lower() in su.IMAGE_SUFFIXES])
+    existing = len(readable_images(class_dir)[0])
     if existing >= args.num_class_images:
         return
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
@@ -141,7 +178,7 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
         args.pretrained_model_name_or_path,
         revision=args.revision,
         variant=args.variant,
-        torch_dtype=dtype,
+        dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
     ).to(accelerator.device)
@@ -162,40 +199,133 @@ def generate_class_images(args: argparse.Namespace, accelerator: Accelerator) ->
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
-    accelerator = su.make_accelerator(args)
+    with lock_output_dir(args.output_dir):  # a second run on the same folder is refused, not crashed into
+        return train_dreambooth(args)
+
+
+def train_dreambooth(args: argparse.Namespace) -> Path:
+    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    accelerator = make_accelerator(
+        args.output_dir,
+        args.logging_dir,
+        args.gradient_accumulation_steps,
+        args.mixed_precision,
+        args.report_to,
+        args.seed,
+        args.allow_tf32,
+    )
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 
     # 1. Data: the subject's images, and class images for prior preservation (generated by the base if missing).
     if args.with_prior_preservation:
         generate_class_images(args, accelerator)
-    class_images = su.list_images(args.class_data_dir, "--class_data_dir") if args.with_prior_preservation else []
-    os.makedirs(args.output_dir, exist_ok=True)
+    class_images = list_images(args.class_data_dir, "--class_data_dir") if args.with_prior_preservation else []
 
-    # 2. Models: the frozen base in the run's precision with SaRA adapters in fp32, optimizer, accelerate, attach().
-    tokenizer, text_encoder, vae, unet, noise_scheduler = su.load_base_models(args)
-    transform = su.ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    # 2. Models: the frozen base, in the run's precision.
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_base_models(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, weight_dtype
+    )
+    freeze([vae, text_encoder, unet], accelerator.device, weight_dtype)
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
     dataset = DreamBoothDataset(
         args.instance_images, args.instance_prompt, class_images, args.class_prompt, tokenizer, transform
     )
-    dataloader = su.make_dataloader(args, dataset, collate)
-    run = su.setup_sara_training(args, accelerator, text_encoder, vae, unet, dataloader, "sara-dreambooth")
+    if args.cache_latents:
+        dataset = CachedLatents(dataset, vae, ("instance_pixels", "class_pixels"), accelerator.device, weight_dtype)
+    dataloader = make_dataloader(dataset, args.train_batch_size, collate, args.dataloader_num_workers, args.seed)
+    steps_per_epoch = updates_per_epoch(dataloader, accelerator.num_processes, args.gradient_accumulation_steps)
+    max_train_steps = max_train_steps_of(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
+    settings = run_settings(args, accelerator.num_processes, max_train_steps)
+    if checkpoint is not None:  # the checkpoint's selection, θ and progressive step
+        settings = resume_settings(read_run_settings(checkpoint), settings, args.explicit)
+
+    # New Code #
+    # 3. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.
+    unet_config, text_encoder_config = sara_configs(settings)
+    add_sara_adapter(unet, unet_config, "UNet")
+    models = {"unet": unet}
+    if args.train_text_encoder:
+        add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
+        models["text_encoder"] = text_encoder
+    settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
+    if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
+        load_checkpoint_adapters(models, checkpoint)
+    learning_rate = args.learning_rate or peft_sara.paper_learning_rate(settings["unet_threshold"])
+    # End of new code #
+
+    enable_memory_savings(
+        unet,
+        text_encoder,
+        args.gradient_checkpointing,
+        args.enable_xformers_memory_efficient_attention,
+        args.train_text_encoder,
+    )
+    models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
+        accelerator, models, dataloader, learning_rate, args, max_train_steps
+    )
+    # New Code #
+    # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
+    training = peft_sara.attach(list(models.values()), optimizer)
+    register_checkpointing(accelerator, models, training)  # checkpoints hold the adapters, not the models
+    # End of new code #
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name or "sara-dreambooth", config=tracker_config(args))
+
+    validation = ValidationSettings.from_args(args)
+    text_encoder = models.get("text_encoder", text_encoder)
 
     def validate(step: int) -> None:
-        su.validate(accelerator, args, run.trained, vae, run.text_encoder, tokenizer, noise_scheduler, step)
+        validate_in_training(
+            accelerator, models, vae, text_encoder, tokenizer, noise_scheduler, validation, args.output_dir, step
+        )
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss = su.noise_prediction_loss(batch, vae, run, noise_scheduler, args)
+        loss = noise_prediction_loss(
+            batch,
+            vae,
+            text_encoder,
+            models["unet"],
+            noise_scheduler,
+            weight_dtype,
+            args.noise_offset,
+            args.snr_gamma,
+            args.cache_latents,
+        )
         if not args.with_prior_preservation:
             return loss.mean()
         instance_loss, prior_loss = loss.chunk(2)  # the class half of the batch follows the instance half
         return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
 
-    # 3. Train, resuming from a checkpoint if asked.
-    global_step = su.run_training_loop(args, accelerator, run, batch_loss, validate, len(dataset))
+    # 4. Train, resuming from a checkpoint if asked.
+    loop = LoopSettings.from_args(args, max_train_steps, steps_per_epoch, settings)
+    num_trainable = sum(param.numel() for param in params)
+    log_run_start(len(dataset), accelerator.num_processes, args.train_batch_size, loop, num_trainable, learning_rate)
+    global_step = load_checkpoint(accelerator, checkpoint) if checkpoint is not None else 0
+    global_step = train(
+        accelerator,
+        models,
+        params,
+        optimizer,
+        lr_scheduler,
+        dataloader,
+        batch_loss,
+        validate,
+        training,
+        loop,
+        global_step,
+    )
 
-    # 4. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
-    su.save_final_output(args, accelerator, run, global_step, instance_prompt=args.instance_prompt)
+    # 5. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # New Code #
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        save_adapters(args.output_dir, unwrapped, base_model=args.pretrained_model_name_or_path)
+        # End of new code #
+        finish_output(accelerator, args, validation, global_step, instance_prompt=args.instance_prompt)
+    accelerator.end_training()
     return Path(args.output_dir)
 
 
 if __name__ == "__main__":
-    su.run_main(main)
+    run_main(main)

@@ -17,24 +17,60 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from accelerate.logging import get_logger
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from peft_sara import script_utils as su
+import peft_sara
+from peft_sara.script_utils.arguments import (
+    add_model_and_output_arguments,
+    add_sara_arguments,
+    add_training_arguments,
+    add_validation_and_hub_arguments,
+    parse_args_with_config,
+    tracker_config,
+)
+from peft_sara.script_utils.checkpoints import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_checkpoint_adapters,
+    read_run_settings,
+    register_checkpointing,
+    resume_settings,
+    run_settings,
+)
+from peft_sara.script_utils.checks import check_common_arguments
+from peft_sara.script_utils.cli import UserInputError, get_logger, run_main
+from peft_sara.script_utils.data import (
+    CachedLatents,
+    ImageTransform,
+    make_dataloader,
+    open_image_problem,
+    tokenize,
+)
+from peft_sara.script_utils.loop import LoopSettings, log_run_start, max_train_steps_of, train, updates_per_epoch
+from peft_sara.script_utils.loss import noise_prediction_loss
+from peft_sara.script_utils.models import (
+    add_sara_adapter,
+    freeze,
+    load_base_models,
+    sara_configs,
+    weight_dtype_of,
+)
+from peft_sara.script_utils.output import finish_output, lock_output_dir, save_adapters
+from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.validation import ValidationSettings, validate_in_training
 
 logger = get_logger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Text-to-image fine-tuning of Stable Diffusion with SaRA.")
-    su.add_model_and_output_arguments(parser, default_output_dir="sara-text-to-image-model")
+    add_model_and_output_arguments(parser, default_output_dir="sara-text-to-image-model")
     group = parser.add_argument_group("data")
     group.add_argument(
         "--train_data_dir", type=str, default=None, help="Folder of images with a metadata.jsonl of captions."
@@ -51,23 +87,23 @@ def make_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--max_train_samples", type=int, default=None, help="Train on this many examples only (seeded choice)."
     )
-    su.add_sara_arguments(parser)
-    su.add_training_arguments(parser)
-    su.add_validation_and_hub_arguments(parser)
+    add_sara_arguments(parser)
+    add_training_arguments(parser)
+    add_validation_and_hub_arguments(parser)
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = su.parse_args_with_config(make_parser(), argv)
+    args = parse_args_with_config(make_parser(), argv)
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model, so that bad input fails in a second, not after loading."""
-    su.check_common_arguments(args)
+    check_common_arguments(args)
     if bool(args.train_data_dir) == bool(args.dataset_name):
-        raise su.UserInputError(
+        raise UserInputError(
             "Give exactly one of --train_data_dir (a local folder) and --dataset_name (a Hub dataset)."
         )
     # verified once here, before any model loads, and used by main
@@ -75,7 +111,7 @@ def check_args(args: argparse.Namespace) -> None:
         read_captioned_folder(args.train_data_dir, args.caption_column) if args.train_data_dir else None
     )
     if args.max_train_samples is not None and args.max_train_samples < 1:
-        raise su.UserInputError(f"--max_train_samples must be at least 1, got {args.max_train_samples}.")
+        raise UserInputError(f"--max_train_samples must be at least 1, got {args.max_train_samples}.")
 
 
 def read_captioned_folder(folder: str, caption_column: str) -> list[tuple[Path, str | list[str]]]:
@@ -83,9 +119,9 @@ def read_captioned_folder(folder: str, caption_column: str) -> list[tuple[Path, 
     warning while others remain."""
     metadata = Path(folder) / "metadata.jsonl"
     if not Path(folder).is_dir():
-        raise su.UserInputError(f"--train_data_dir {folder}: no such folder.")
+        raise UserInputError(f"--train_data_dir {folder}: no such folder.")
     if not metadata.is_file():
-        raise su.UserInputError(
+        raise UserInputError(
             f"--train_data_dir {folder} has no metadata.jsonl: add one line per image, e.g. "
             f'{{"file_name": "0001.png", "{caption_column}": "a castle"}}.'
         )
@@ -97,21 +133,19 @@ def read_captioned_folder(folder: str, caption_column: str) -> list[tuple[Path, 
             record = json.loads(line)
             path, caption = Path(folder) / record["file_name"], record[caption_column]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise su.UserInputError(
+            raise UserInputError(
                 f"{metadata}, line {number}: expected a JSON object with file_name and {caption_column!r} ({error})."
             ) from error
-        try:
-            with Image.open(path) as image:
-                image.verify()
-            pairs.append((path, caption))
-        except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError):
+        if not path.is_file() or open_image_problem(path):
             skipped.append(record["file_name"])
+        else:
+            pairs.append((path, caption))
     if skipped:
         logger.warning(
             "Skipping %d unreadable or missing image(s) named in %s: %s", len(skipped), metadata, skipped[:5]
         )
     if not pairs:
-        raise su.UserInputError(f"--train_data_dir {folder}: none of the images named in metadata.jsonl is readable.")
+        raise UserInputError(f"--train_data_dir {folder}: none of the images named in metadata.jsonl is readable.")
     return pairs
 
 
@@ -133,7 +167,7 @@ class CaptionedImages(Dataset):
                 pixels = self.transform(opened)
         else:
             pixels = self.transform(image)
-        return {"pixel_values": pixels, "input_ids": su.tokenize(self.tokenizer, caption)}
+        return {"pixel_values": pixels, "input_ids": tokenize(self.tokenizer, caption)}
 
 
 def load_examples(args: argparse.Namespace) -> list[tuple[object, str | list[str]]]:
@@ -143,13 +177,11 @@ def load_examples(args: argparse.Namespace) -> list[tuple[object, str | list[str
         try:
             import datasets
         except ImportError as error:
-            raise su.UserInputError("--dataset_name needs the datasets package: pip install datasets") from error
+            raise UserInputError("--dataset_name needs the datasets package: pip install datasets") from error
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)["train"]
         for column in (args.image_column, args.caption_column):
             if column not in dataset.column_names:
-                raise su.UserInputError(
-                    f"{args.dataset_name} has no column {column!r}: it has {dataset.column_names}."
-                )
+                raise UserInputError(f"{args.dataset_name} has no column {column!r}: it has {dataset.column_names}.")
         examples = list(zip(dataset[args.image_column], dataset[args.caption_column]))
     if args.max_train_samples is not None:
         random.Random(args.seed).shuffle(examples)
@@ -163,29 +195,122 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
-    accelerator = su.make_accelerator(args)
-    os.makedirs(args.output_dir, exist_ok=True)
+    with lock_output_dir(args.output_dir):  # a second run on the same folder is refused, not crashed into
+        return train_text_to_image(args)
 
-    # 1. Models and data: the frozen base in the run's precision with SaRA adapters in fp32, accelerate, attach().
-    tokenizer, text_encoder, vae, unet, noise_scheduler = su.load_base_models(args)
-    transform = su.ImageTransform(args.resolution, args.center_crop, args.random_flip)
+
+def train_text_to_image(args: argparse.Namespace) -> Path:
+    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    accelerator = make_accelerator(
+        args.output_dir,
+        args.logging_dir,
+        args.gradient_accumulation_steps,
+        args.mixed_precision,
+        args.report_to,
+        args.seed,
+        args.allow_tf32,
+    )
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+
+    # 1. Models: the frozen base, in the run's precision; the captioned images.
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_base_models(
+        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, weight_dtype
+    )
+    freeze([vae, text_encoder, unet], accelerator.device, weight_dtype)
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
     dataset = CaptionedImages(load_examples(args), tokenizer, transform)
-    dataloader = su.make_dataloader(args, dataset, collate)
-    run = su.setup_sara_training(args, accelerator, text_encoder, vae, unet, dataloader, "sara-text-to-image")
+    if args.cache_latents:
+        dataset = CachedLatents(dataset, vae, ("pixel_values",), accelerator.device, weight_dtype)
+    dataloader = make_dataloader(dataset, args.train_batch_size, collate, args.dataloader_num_workers, args.seed)
+    steps_per_epoch = updates_per_epoch(dataloader, accelerator.num_processes, args.gradient_accumulation_steps)
+    max_train_steps = max_train_steps_of(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
+    settings = run_settings(args, accelerator.num_processes, max_train_steps)
+    if checkpoint is not None:  # the checkpoint's selection, θ and progressive step
+        settings = resume_settings(read_run_settings(checkpoint), settings, args.explicit)
+
+    # New Code #
+    # 2. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.
+    unet_config, text_encoder_config = sara_configs(settings)
+    add_sara_adapter(unet, unet_config, "UNet")
+    models = {"unet": unet}
+    if args.train_text_encoder:
+        add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
+        models["text_encoder"] = text_encoder
+    settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
+    if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
+        load_checkpoint_adapters(models, checkpoint)
+    learning_rate = args.learning_rate or peft_sara.paper_learning_rate(settings["unet_threshold"])
+    # End of new code #
+
+    enable_memory_savings(
+        unet,
+        text_encoder,
+        args.gradient_checkpointing,
+        args.enable_xformers_memory_efficient_attention,
+        args.train_text_encoder,
+    )
+    models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
+        accelerator, models, dataloader, learning_rate, args, max_train_steps
+    )
+    # New Code #
+    # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
+    training = peft_sara.attach(list(models.values()), optimizer)
+    register_checkpointing(accelerator, models, training)  # checkpoints hold the adapters, not the models
+    # End of new code #
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name or "sara-text-to-image", config=tracker_config(args))
+
+    validation = ValidationSettings.from_args(args)
+    text_encoder = models.get("text_encoder", text_encoder)
 
     def validate(step: int) -> None:
-        su.validate(accelerator, args, run.trained, vae, run.text_encoder, tokenizer, noise_scheduler, step)
+        validate_in_training(
+            accelerator, models, vae, text_encoder, tokenizer, noise_scheduler, validation, args.output_dir, step
+        )
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return su.noise_prediction_loss(batch, vae, run, noise_scheduler, args).mean()
+        return noise_prediction_loss(
+            batch,
+            vae,
+            text_encoder,
+            models["unet"],
+            noise_scheduler,
+            weight_dtype,
+            args.noise_offset,
+            args.snr_gamma,
+            args.cache_latents,
+        ).mean()
 
-    # 2. Train, resuming from a checkpoint if asked.
-    global_step = su.run_training_loop(args, accelerator, run, batch_loss, validate, len(dataset))
+    # 3. Train, resuming from a checkpoint if asked.
+    loop = LoopSettings.from_args(args, max_train_steps, steps_per_epoch, settings)
+    num_trainable = sum(param.numel() for param in params)
+    log_run_start(len(dataset), accelerator.num_processes, args.train_batch_size, loop, num_trainable, learning_rate)
+    global_step = load_checkpoint(accelerator, checkpoint) if checkpoint is not None else 0
+    global_step = train(
+        accelerator,
+        models,
+        params,
+        optimizer,
+        lr_scheduler,
+        dataloader,
+        batch_loss,
+        validate,
+        training,
+        loop,
+        global_step,
+    )
 
-    # 3. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
-    su.save_final_output(args, accelerator, run, global_step)
+    # 4. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # New Code #
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        save_adapters(args.output_dir, unwrapped, base_model=args.pretrained_model_name_or_path)
+        # End of new code #
+        finish_output(accelerator, args, validation, global_step)
+    accelerator.end_training()
     return Path(args.output_dir)
 
 
 if __name__ == "__main__":
-    su.run_main(main)
+    run_main(main)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
-from peft_sara import script_utils
+from peft_sara.script_utils.arguments import read_config_file
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PRESET_SCRIPTS = {
@@ -38,5 +38,5 @@ def test_every_preset_names_a_known_script():
 @pytest.mark.parametrize("preset", sorted(p.name for p in (CONFIGS / "presets").glob("*.yaml")))
 def test_presets_use_only_known_flags(preset):
     parser = load_script(PRESET_SCRIPTS[preset]).make_parser()
-    values = script_utils._read_config_file(parser, str(CONFIGS / "presets" / preset))
+    values = read_config_file(parser, str(CONFIGS / "presets" / preset))
     assert values and all(isinstance(key, str) for key in values)

@@ -9,8 +9,8 @@ import torch
 from conftest import load_script, write_images
 from safetensors.torch import load_file
 
-from peft_sara import script_utils
-from peft_sara.script_utils import UserInputError
+from peft_sara.script_utils.cli import UserInputError
+from peft_sara.script_utils.models import weight_dtype_of
 
 
 @pytest.fixture
@@ -121,13 +121,33 @@ def test_loss_options_train(text_to_image_args):
     assert any(tensor.abs().sum() > 0 for key, tensor in saved.items() if "sara_values" in key)
 
 
+def test_cached_latents_and_a_named_tracker_project(text_to_image_args, monkeypatch):
+    from peft_sara.script_utils import data
+
+    encoded = []
+    original_init = data.CachedLatents.__init__
+
+    def counting_init(self, dataset, vae, *rest):
+        original_init(self, dataset, vae, *rest)
+        encoded.append(len(self))
+
+    monkeypatch.setattr(data.CachedLatents, "__init__", counting_init)
+    args = ["--cache_latents", "--report_to", "tensorboard", "--tracker_project_name", "my-style"]
+    args += ["--image_interpolation_mode", "lanczos"]
+    output = load_script("train_text_to_image_sara").main(text_to_image_args + args)
+    assert encoded == [3], "every image encoded once, before training"
+    assert list((output / "logs" / "my-style").glob("events.out.tfevents.*"))
+    saved = load_file(output / "unet" / "adapter_model.safetensors")
+    assert any(tensor.abs().sum() > 0 for key, tensor in saved.items() if "sara_values" in key)
+
+
 def test_precision_chosen_by_accelerate_config_counts_too(monkeypatch):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate config`/`launch` set
-    assert script_utils.weight_dtype_of(Accelerator(cpu=True)) == torch.bfloat16
+    assert weight_dtype_of(Accelerator(cpu=True).mixed_precision) == torch.bfloat16
     AcceleratorState._reset_state(reset_partial_state=True)
 
 

@@ -1,0 +1,273 @@
+"""Resumable checkpoints: written atomically, verified before a resume, holding no pickle of ours.
+
+A checkpoint folder `checkpoint-<step>` holds the SaRA adapters as PEFT folders (no copy of the base model),
+accelerate's optimizer, schedule and RNG states, SaRA's training state as safetensors, and last a manifest
+(`sara_checkpoint.json`) with the run's settings and the size of every file. Every process writes into
+`checkpoint-<step>.unfinished`, which the main process renames once all are done; a replaced or pruned checkpoint is
+renamed to `*.deleting` before it is removed. So a kill at any moment leaves no folder that `latest` would pick, and
+a damaged one (a file missing or truncated) is found from its manifest before any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..training import SaRATraining
+from .cli import UserInputError, get_logger
+from .output import save_adapters
+
+logger = get_logger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+UNFINISHED_SUFFIX = ".unfinished"
+DELETING_SUFFIX = ".deleting"
+MANIFEST_NAME = "sara_checkpoint.json"
+TRAINING_STATE_NAME = "sara_training.safetensors"
+
+
+def parse_checkpoint_name(name: str) -> int | None:
+    """The step of a finished checkpoint's folder name `checkpoint-<step>`, else None."""
+    step = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(step) if name.startswith(CHECKPOINT_PREFIX) and step.isdigit() else None
+
+
+def checkpoint_folders(output_dir: str) -> list[Path]:
+    """Finished checkpoints, oldest first (an unfinished or half-deleted one never counts)."""
+    folders = [path for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if path.is_dir()]
+    return sorted(
+        (path for path in folders if parse_checkpoint_name(path.name) is not None),
+        key=lambda path: parse_checkpoint_name(path.name),
+    )
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint cannot be resumed (a file missing or of the wrong size), or None when it is complete."""
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        sizes = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST_NAME} is missing or unreadable"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} written)"
+    return None
+
+
+def find_resume_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
+    """The checkpoint to resume from: a given folder, or with 'latest' the newest complete one (an older one when
+    the newest is damaged, saying so). A damaged folder that was asked for by name is refused."""
+    if not resume_from:
+        return None
+    if resume_from != "latest":
+        folder = Path(resume_from)
+        problem = checkpoint_problem(folder)
+        if problem:
+            older = [path for path in checkpoint_folders(str(folder.parent)) if path != folder]
+            hint = f"--resume_from_checkpoint {older[-1]}" if older else "a new run"
+            raise UserInputError(f"Checkpoint {folder} is damaged: {problem}. Resume from an older one ({hint}).")
+        return folder
+    folders = checkpoint_folders(output_dir)
+    if not folders:
+        logger.warning("No checkpoint in %s to resume from: starting a new run.", output_dir)
+        return None
+    for folder in reversed(folders):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("Checkpoint %s is damaged (%s): trying the one before it.", folder, problem)
+    raise UserInputError(
+        f"Every checkpoint in {output_dir} is damaged (e.g. {folders[-1].name}: {checkpoint_problem(folders[-1])}); "
+        "start a new run in another --output_dir."
+    )
+
+
+def read_run_settings(checkpoint: Path) -> dict[str, Any]:
+    """The run settings a checkpoint was written with (see `save_checkpoint`)."""
+    return json.loads((checkpoint / MANIFEST_NAME).read_text(encoding="utf-8"))["run"]
+
+
+def _remove(folder: Path) -> None:
+    """Delete a folder so that a kill half-way leaves a name no resume picks."""
+    doomed = folder.with_name(folder.name + DELETING_SUFFIX)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
+
+
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, total_limit: int | None, run_settings: dict[str, Any]
+) -> Path:
+    """Save a resumable checkpoint atomically (see the module's docstring); keep the newest `total_limit`."""
+    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    unfinished = final.with_name(final.name + UNFINISHED_SUFFIX)
+    if accelerator.is_main_process:
+        for leftover in [unfinished, *Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*{DELETING_SUFFIX}")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(unfinished))  # on every process: DeepSpeed needs all of them
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {
+            path.relative_to(unfinished).as_posix(): path.stat().st_size
+            for path in sorted(unfinished.rglob("*"))
+            if path.is_file()
+        }
+        manifest = {"step": step, "run": run_settings, "files": files}
+        (unfinished / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        if final.exists():
+            _remove(final)
+        os.replace(unfinished, final)
+        if total_limit is not None:
+            for old in checkpoint_folders(output_dir)[:-total_limit]:
+                _remove(old)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def register_checkpointing(accelerator, models: dict[str, torch.nn.Module], training: SaRATraining) -> None:
+    """Make accelerate's save_state/load_state store the SaRA adapters (PEFT folders) and SaRA's training state
+    (safetensors), not the whole models and no pickle. `models` maps a subfolder name to a (prepared) model."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    def unwrapped() -> dict[str, torch.nn.Module]:
+        return {name: accelerator.unwrap_model(model) for name, model in models.items()}
+
+    def save_hook(hook_models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_adapters(output_dir, unwrapped())
+            save_training_state(training, Path(output_dir) / TRAINING_STATE_NAME)
+        weights.clear()  # the adapters are saved above; accelerate must not write the full models
+
+    def load_hook(hook_models, input_dir):
+        for name, model in unwrapped().items():
+            held = [id(param) for param in model.parameters() if param.requires_grad]
+            set_peft_model_state_dict(model, load_peft_weights(os.path.join(input_dir, name)))
+            if [id(param) for param in model.parameters() if param.requires_grad] != held:
+                raise UserInputError(
+                    f"The {name} adapter of {input_dir} selects other weights than this run's: resume with the flags "
+                    "it was trained with (--threshold/--target_fraction, --include_bias)."
+                )
+        load_training_state(training, Path(input_dir) / TRAINING_STATE_NAME)
+        hook_models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> int:
+    """Restore a checkpoint (adapters, optimizer, schedule, RNG states, SaRA's state); returns its step."""
+    logger.info("Resuming from checkpoint %s", checkpoint)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except UserInputError:
+        raise
+    except Exception as error:  # torch, safetensors and pickle raise many types for a damaged file
+        raise UserInputError(
+            f"Checkpoint {checkpoint} is damaged ({type(error).__name__}: {error}); resume from an older one with "
+            "--resume_from_checkpoint <folder>."
+        ) from error
+    return parse_checkpoint_name(checkpoint.name)
+
+
+def load_checkpoint_adapters(models: dict[str, torch.nn.Module], checkpoint: Path) -> None:
+    """Load a checkpoint's adapters into freshly adapted models, before the optimizer is made from their parameters:
+    the resumed run then trains exactly the checkpoint's positions, whatever the base's dtype does to ties at θ."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    for name, model in models.items():
+        try:
+            set_peft_model_state_dict(model, load_peft_weights(str(checkpoint / name)))
+        except Exception as error:
+            raise UserInputError(f"Checkpoint {checkpoint} does not fit this run's {name}: {error}") from error
+
+
+def save_training_state(training: SaRATraining, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = training.state_dict()
+    tensors = {key: positions.contiguous() for key, positions in state["frozen_positions"].items()}
+    save_file(tensors, str(path), metadata={"step": str(state["step"])})
+
+
+def load_training_state(training: SaRATraining, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        step = int(handle.metadata()["step"])
+        frozen = {key: handle.get_tensor(key) for key in handle.keys()}
+    training.load_state_dict({"step": step, "frozen_positions": frozen})
+
+
+def compare_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume whose trainable selection differs from the checkpoint's; warn about settings whose change makes
+    the result differ from an uninterrupted run's."""
+    selection = ("threshold", "target_fraction", "include_bias", "train_text_encoder", "text_encoder_threshold")
+    changed = {key for key in saved if key in current and saved[key] != current[key]}
+    refused = [key for key in selection if key in changed]
+    if refused:
+        details = ", ".join(f"--{key} {saved[key]} (now {current[key]})" for key in refused)
+        raise UserInputError(
+            f"The checkpoint was trained with {details}: a resumed run must train the same weights. Resume with the "
+            "checkpoint's values, or start a new run in another --output_dir."
+        )
+    others = sorted(changed - {"max_train_steps", "progressive_step"})
+    if others:
+        logger.warning(
+            "Resuming with settings that differ from the checkpoint's (%s): the result will differ from an "
+            "uninterrupted run's.",
+            ", ".join(f"{key} {saved[key]} -> {current[key]}" for key in others),
+        )
+
+
+def run_settings(args, num_processes: int, max_train_steps: int) -> dict[str, Any]:
+    """What a run asks for that decides its result: written into every checkpoint, compared on resume. The UNet's
+    resolved θ (`unet_threshold`) is added once the adapter exists."""
+    if args.no_progressive:
+        progressive_step = None
+    elif args.progressive_step is not None:
+        progressive_step = args.progressive_step
+    else:
+        progressive_step = max(1, max_train_steps // 2)  # the paper's: half of the run
+    return {
+        "threshold": args.threshold,
+        "target_fraction": args.target_fraction,
+        "include_bias": args.include_bias,
+        "train_text_encoder": args.train_text_encoder,
+        "text_encoder_threshold": args.text_encoder_threshold,
+        "lambda_rank": args.lambda_rank,
+        "progressive_step": progressive_step,
+        "seed": args.seed,
+        "num_processes": num_processes,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "mixed_precision": args.mixed_precision,
+        "max_train_steps": max_train_steps,
+    }
+
+
+def resume_settings(saved: dict[str, Any], current: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The settings of a resumed run: the checkpoint's selection and θ (or a refusal when the flags ask for another),
+    the checkpoint's progressive step unless one is asked for, a warning for anything else that differs."""
+    settings = dict(current)
+    if not explicit & {"progressive_step", "no_progressive"}:
+        settings["progressive_step"] = saved["progressive_step"]
+    elif saved["progressive_step"] != settings["progressive_step"]:
+        logger.warning(
+            "The checkpoint's progressive step was %s; this run uses %s as asked.",
+            saved["progressive_step"],
+            settings["progressive_step"],
+        )
+    compare_run_settings(saved, settings)
+    settings["unet_threshold"] = saved["unet_threshold"]
+    return settings

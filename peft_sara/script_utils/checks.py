@@ -1,0 +1,151 @@
+"""Checks of the shared flags that need no model, so that bad input fails in a second, before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+from ..config import SaRAConfig
+from .arguments import DEFAULT_THRESHOLD
+from .checkpoints import parse_checkpoint_name
+from .cli import UserInputError
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad values of the shared flags; fill in `args.threshold` when neither θ nor a fraction was given."""
+    if not args.pretrained_model_name_or_path:
+        raise UserInputError("--pretrained_model_name_or_path is required (a Hub repo id or a local folder).")
+    if args.resolution <= 0 or args.resolution % 8:
+        raise UserInputError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}."
+        )
+    for flag in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "checkpointing_steps",
+        "num_validation_images",
+        "num_inference_steps",
+        "validation_epochs",
+        "lr_num_cycles",
+    ):
+        _at_least(flag, getattr(args, flag), 1)
+    for flag in ("max_train_steps", "checkpoints_total_limit", "validation_steps", "progressive_step"):
+        if getattr(args, flag) is not None:
+            _at_least(flag, getattr(args, flag), 1)
+    _at_least("lr_warmup_steps", args.lr_warmup_steps, 0)
+    _at_least("dataloader_num_workers", args.dataloader_num_workers, 0)
+    _check_numbers(args)
+    _check_sara_flags(args)
+    _check_output_dir_writable(args.output_dir)
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        resume_from = Path(args.resume_from_checkpoint)
+        if not resume_from.is_dir() or parse_checkpoint_name(resume_from.name) is None:
+            raise UserInputError(
+                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder (expected "
+                "checkpoint-<step> under the output folder, or 'latest')."
+            )
+    check_trackers(args.report_to)
+    _check_installed(args.use_8bit_adam, "bitsandbytes", "--use_8bit_adam")
+    _check_installed(
+        args.enable_xformers_memory_efficient_attention, "xformers", "--enable_xformers_memory_efficient_attention"
+    )
+    if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
+        raise UserInputError(
+            "Do not combine --report_to=wandb with --hub_token: the token would be logged. Use `hf auth login`."
+        )
+
+
+def _at_least(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UserInputError(f"--{flag} must be at least {minimum}, got {value}.")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Values the optimizer or the loss would accept and silently misuse (a negative clip norm is gradient ascent)."""
+    positive = {"max_grad_norm": args.max_grad_norm, "adam_epsilon": args.adam_epsilon, "lr_power": args.lr_power}
+    if args.learning_rate is not None:
+        positive["learning_rate"] = args.learning_rate
+    if args.snr_gamma is not None:
+        positive["snr_gamma"] = args.snr_gamma
+    for flag, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise UserInputError(f"--{flag} must be a positive number, got {value}.")
+    for flag, value in {
+        "adam_weight_decay": args.adam_weight_decay,
+        "noise_offset": args.noise_offset,
+        "prior_loss_weight": getattr(args, "prior_loss_weight", 0.0),
+    }.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise UserInputError(f"--{flag} must be zero or positive, got {value}.")
+    for flag in ("adam_beta1", "adam_beta2"):
+        value = getattr(args, flag)
+        if not 0 <= value < 1:
+            raise UserInputError(f"--{flag} must be in [0, 1), got {value}.")
+
+
+def _check_sara_flags(args: argparse.Namespace) -> None:
+    if args.threshold is not None and args.target_fraction is not None:
+        # a preset's θ gives way to a fraction asked for on the command line, and the other way round
+        if "target_fraction" in args.command_line and "threshold" not in args.command_line:
+            args.threshold = None
+        elif "threshold" in args.command_line and "target_fraction" not in args.command_line:
+            args.target_fraction = None
+    if args.threshold is not None and args.target_fraction is not None:
+        raise UserInputError(
+            "Give either --threshold (θ itself) or --target_fraction (the share of weights to train), not both."
+        )
+    if args.no_progressive and args.progressive_step is not None:
+        raise UserInputError("Give either --progressive_step or --no_progressive, not both.")
+    if args.threshold is None and args.target_fraction is None:
+        args.threshold = DEFAULT_THRESHOLD
+    try:
+        SaRAConfig(
+            threshold=args.threshold if args.threshold is not None else DEFAULT_THRESHOLD,
+            target_fraction=args.target_fraction,
+            lambda_rank=args.lambda_rank,
+            progressive_step=args.progressive_step,
+        )
+    except ValueError as error:
+        raise UserInputError(str(error)) from error
+    if args.text_encoder_threshold is not None:
+        try:
+            SaRAConfig(threshold=args.text_encoder_threshold)
+        except ValueError as error:
+            raise UserInputError(f"--text_encoder_threshold: {error}") from error
+    if args.text_encoder_threshold is not None and not args.train_text_encoder:
+        raise UserInputError("--text_encoder_threshold needs --train_text_encoder.")
+
+
+def _check_output_dir_writable(output_dir: str) -> None:
+    existing = Path(output_dir).resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"--output_dir {output_dir} is not writable ({existing} does not accept new files).")
+
+
+def check_trackers(report_to: str) -> None:
+    """Refuse a tracker that is unknown or not installed: the run would otherwise train to the end logging nothing."""
+    if report_to in ("none", "all"):
+        return
+    for name in report_to.split(","):
+        if name not in TRACKER_PACKAGES:
+            raise UserInputError(
+                f"--report_to {name}: unknown tracker; use one of {sorted(TRACKER_PACKAGES)}, 'all' or 'none'."
+            )
+        if not any(importlib.util.find_spec(package) for package in TRACKER_PACKAGES[name]):
+            raise UserInputError(
+                f"--report_to {name} needs the {TRACKER_PACKAGES[name][0]} package: pip install "
+                f"{TRACKER_PACKAGES[name][0]}, or pass --report_to none."
+            )
+
+
+def _check_installed(wanted: bool, package: str, flag: str) -> None:
+    if wanted and importlib.util.find_spec(package) is None:
+        raise UserInputError(f"{flag} needs {package}: pip install {package}")

@@ -1,0 +1,99 @@
+"""The models of a Stable Diffusion run: loading the base, freezing it in the run's precision, the SaRA adapters'
+configurations, and the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import SaRAConfig
+from .cli import UserInputError
+
+
+def load_base_models(
+    pretrained_model_name_or_path: str,
+    revision: str | None,
+    variant: str | None,
+    prediction_type: str | None,
+    dtype: torch.dtype = torch.float32,
+):
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler of a Stable Diffusion pipeline (Hub id or folder), the
+    models loaded in `dtype` (the libraries then keep the modules that need fp32 in fp32)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "revision": revision}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(subfolder="tokenizer", **source)
+        noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **source)
+        text_encoder = CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=variant, dtype=dtype, **source)
+        vae = AutoencoderKL.from_pretrained(subfolder="vae", variant=variant, dtype=dtype, **source)
+        unet = UNet2DConditionModel.from_pretrained(subfolder="unet", variant=variant, dtype=dtype, **source)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"Could not load the base pipeline {pretrained_model_name_or_path}: {error}") from error
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """dtype of the frozen weights under the run's mixed precision (`accelerator.mixed_precision`)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def freeze(models: list[torch.nn.Module], device: torch.device, dtype: torch.dtype) -> None:
+    """The base models train nothing and run in the run's precision (SaRA's values, added later, stay fp32)."""
+    for model in models:
+        model.requires_grad_(False)
+        model.to(device)
+        if model.dtype != dtype:  # diffusers warns about any cast, also to the dtype a model already has
+            model.to(dtype=dtype)
+
+
+def sara_configs(settings: dict[str, Any]) -> tuple[SaRAConfig, SaRAConfig]:
+    """SaRA configurations of the UNet and the text encoder from a run's settings (see `checkpoints.run_settings`):
+    the UNet's θ is the resolved one where the settings know it (a resumed run), else the threshold or fraction."""
+    shared = {
+        "lambda_rank": settings["lambda_rank"],
+        "progressive_step": settings["progressive_step"],
+        "include_bias": settings["include_bias"],
+        "rank_seed": settings["seed"] or 0,
+    }
+    resolved = settings.get("unet_threshold")
+    unet_config = SaRAConfig(
+        threshold=resolved if resolved is not None else settings["threshold"] or SaRAConfig().threshold,
+        target_fraction=None if resolved is not None else settings["target_fraction"],
+        **shared,
+    )
+    text_threshold = settings["text_encoder_threshold"]
+    text_config = SaRAConfig(
+        threshold=text_threshold if text_threshold is not None else unet_config.threshold, **shared
+    )
+    return unet_config, text_config
+
+
+def add_sara_adapter(model: torch.nn.Module, config: SaRAConfig, what: str) -> None:
+    """Add the adapter in place (the model keeps its class), refusing a threshold that selects nothing."""
+    try:
+        model.add_adapter(config)
+    except ValueError as error:
+        raise UserInputError(f"SaRA on the {what}: {error}") from error
+
+
+def make_optimizer(
+    params: list[torch.nn.Parameter],
+    learning_rate: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    epsilon: float,
+    use_8bit_adam: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW (8-bit from bitsandbytes with `use_8bit_adam`) over the given parameters."""
+    if use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=epsilon)

@@ -1,0 +1,182 @@
+"""What a run leaves behind: the adapters as PEFT folders, the model card, and the upload to the Hub."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .cli import UserInputError, is_main_process
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs on one output folder are not kept apart
+    fcntl = None
+
+# Written into every adapter file of one save, so that a loader can tell a folder whose components come from two
+# saves (a save killed half-way) from a whole one.
+SAVE_ID_KEY = "sara_save_id"
+COMPONENTS_KEY = "sara_components"
+LOCK_NAME = ".sara-run.lock"
+
+
+@contextlib.contextmanager
+def lock_output_dir(output_dir: str) -> Iterator[None]:
+    """Hold the output folder for the length of a run, so that a second run on it is refused instead of crashing
+    both. The lock is the operating system's: it goes when the process ends, however it ends."""
+    if fcntl is None or not is_main_process():
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    with open(Path(output_dir) / LOCK_NAME, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise UserInputError(
+                f"Another run (process {handle.read().strip() or '?'}) is using --output_dir {output_dir}: wait for "
+                "it to finish, or choose another folder."
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def save_adapters(output_dir: str, components: dict[str, torch.nn.Module], base_model: str | None = None) -> None:
+    """Write each component's SaRA adapter as a standard PEFT adapter folder output_dir/<component>/.
+
+    The keys carry PEFT's `base_model.model.` prefix, as `PeftModel.save_pretrained` writes them, so the folder loads
+    with `PeftModel.from_pretrained` as well as into a plain diffusers or transformers model. Nothing is written when
+    a value is not finite. Each folder is written beside its final name and then renamed into place.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state_dicts = {}
+    for name, model in components.items():
+        state_dict = {
+            f"base_model.model.{key}": tensor.detach().contiguous().cpu()
+            for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+        }
+        if not all(torch.isfinite(tensor).all() for tensor in state_dict.values() if tensor.is_floating_point()):
+            raise UserInputError(f"The {name} adapter holds non-finite values (training diverged): nothing was saved.")
+        state_dicts[name] = state_dict
+    metadata = {"format": "pt", SAVE_ID_KEY: uuid.uuid4().hex, COMPONENTS_KEY: ",".join(components)}
+    for name, state_dict in state_dicts.items():
+        folder = Path(output_dir) / name
+        staging, doomed = folder.with_name(f"{name}.unfinished"), folder.with_name(f"{name}.deleting")
+        for leftover in (staging, doomed):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_file(state_dict, str(staging / "adapter_model.safetensors"), metadata=metadata)
+        config = copy.copy(components[name].peft_config["default"])
+        config.inference_mode, config.base_model_name_or_path = True, base_model
+        config.save_pretrained(str(staging))
+        if folder.exists():
+            os.replace(folder, doomed)
+        os.replace(staging, folder)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def write_model_card(
+    output_dir: str,
+    repo_id: str,
+    base_model: str,
+    images: list[Path],
+    train_text_encoder: bool,
+    instance_prompt: str | None = None,
+    validation_prompt: str | None = None,
+) -> Path:
+    """README.md with the Hub's metadata (library, base model, tags), how to load the adapter, and the images."""
+    tags = ["sara", "peft", "diffusers", "text-to-image"] + (["dreambooth"] if instance_prompt else [])
+    front_matter = ["---", "library_name: peft", f"base_model: {base_model}", "tags:"] + [f"- {tag}" for tag in tags]
+    if instance_prompt:
+        front_matter.append(f"instance_prompt: {json.dumps(instance_prompt)}")
+    front_matter.append("---")
+    components = "UNet and text encoder" if train_text_encoder else "UNet"
+    what = f"DreamBooth on `{instance_prompt}`" if instance_prompt else "text-to-image fine-tuning"
+    base_link = (
+        f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
+    )
+    gallery = "\n".join(f"![{path.stem}]({path.relative_to(output_dir).as_posix()})" for path in images)
+    body = f"""
+# SaRA {what} - {repo_id}
+
+SaRA adapter weights ({components}) for {base_link}, trained with
+[peft-sara](https://arxiv.org/abs/2409.06633): only the base weights with |w| below the threshold were fine-tuned.
+
+## How to use
+
+```python
+import torch
+import peft_sara  # registers the SaRA adapter type with PEFT
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+peft_sara.load_sara_weights(pipe, "{repo_id}")
+image = pipe({json.dumps(instance_prompt or validation_prompt or "a photo")}).images[0]
+```
+
+The folders `unet/`{" and `text_encoder/`" if train_text_encoder else ""} are standard PEFT adapters:
+`PeftModel.from_pretrained(unet, "{repo_id}", subfolder="unet")` works too, after `import peft_sara`.
+{
+        ""
+        if not validation_prompt
+        else f'''
+## Validation images
+
+Prompt: `{validation_prompt}`
+
+{gallery}
+'''
+    }"""
+    path = Path(output_dir) / "README.md"
+    path.write_text("\n".join(front_matter) + "\n" + body, encoding="utf-8")
+    return path
+
+
+def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
+    """Upload the output folder without checkpoints, logs or unfinished writes."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        commit_message="SaRA adapter",
+        ignore_patterns=["checkpoint-*", "logs/*", "*.tmp", "*.unfinished/*", "*.deleting/*", LOCK_NAME],
+        token=token,
+    )
+    return repo_id
+
+
+def finish_output(accelerator, args, validation, step: int, instance_prompt: str | None = None) -> None:
+    """After the adapters are saved: final images from a fresh pipeline loaded with them, model card, Hub upload."""
+    from .validation import final_validation
+
+    images = final_validation(
+        accelerator, args.pretrained_model_name_or_path, args.revision, args.variant, args.output_dir, validation, step
+    )
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    write_model_card(
+        args.output_dir,
+        repo_id,
+        args.pretrained_model_name_or_path,
+        images,
+        args.train_text_encoder,
+        instance_prompt=instance_prompt,
+        validation_prompt=validation.prompt,
+    )
+    if args.push_to_hub:
+        push_output_to_hub(args.output_dir, repo_id, args.hub_token)

@@ -1,0 +1,90 @@
+"""Setting a run up around its models: the Accelerator, memory options, optimizer, schedule and prepare."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .models import make_optimizer
+
+
+def make_accelerator(
+    output_dir: str,
+    logging_dir: str,
+    gradient_accumulation_steps: int,
+    mixed_precision: str | None,
+    report_to: str,
+    seed: int | None,
+    allow_tf32: bool = False,
+):
+    """The Accelerator of a run (precision, accumulation, trackers, logging folder), with logging and seeds set."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(output_dir, os.path.join(output_dir, logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # reproducible shuffles, also on resume
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if seed is not None:
+        set_seed(seed)
+    if allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def enable_memory_savings(
+    unet, text_encoder, gradient_checkpointing: bool, xformers: bool, train_text_encoder: bool
+) -> None:
+    """Gradient checkpointing (UNet, and the text encoder when it trains) and xformers attention in the UNet."""
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if xformers:
+        unet.enable_xformers_memory_efficient_attention()
+
+
+def prepare_optimization(
+    accelerator,
+    models: dict[str, torch.nn.Module],
+    dataloader,
+    learning_rate: float,
+    args,
+    max_train_steps: int,
+):
+    """AdamW over the models' trainable (SaRA) parameters and its schedule, all passed through accelerate's prepare.
+
+    Returns the prepared models (same keys), their trainable parameters, optimizer, data loader and schedule. The
+    schedule steps once per process and optimizer step, so its lengths are multiplied by the number of processes.
+    """
+    from diffusers.optimization import get_scheduler
+
+    params = [param for model in models.values() for param in model.parameters() if param.requires_grad]
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(
+        params,
+        learning_rate,
+        (args.adam_beta1, args.adam_beta2),
+        args.adam_weight_decay,
+        args.adam_epsilon,
+        args.use_8bit_adam,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    prepared = accelerator.prepare(*models.values(), optimizer, dataloader, lr_scheduler)
+    models = dict(zip(models, prepared[: len(models)]))
+    optimizer, dataloader, lr_scheduler = prepared[len(models) :]
+    return models, params, optimizer, dataloader, lr_scheduler

@@ -1,0 +1,134 @@
+"""Validation images: sampled with the models in training (no copy, no dtype change) or from the saved adapters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+@dataclass
+class ValidationSettings:
+    """What to sample: `num_images` images of `prompt` (None: no validation) with a fixed seed."""
+
+    prompt: str | None
+    num_images: int
+    num_inference_steps: int
+    resolution: int
+    seed: int | None
+
+    @classmethod
+    def from_args(cls, args) -> ValidationSettings:
+        return cls(
+            args.validation_prompt, args.num_validation_images, args.num_inference_steps, args.resolution, args.seed
+        )
+
+
+def generate_validation_images(
+    pipeline, settings: ValidationSettings, dtype: torch.dtype = torch.float32
+) -> list[Image.Image]:
+    """The validation images of `settings`. The components keep their dtypes (the training UNet is shared); under
+    mixed precision the sampling runs under autocast, as training does."""
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed if settings.seed is not None else 0)
+    pipeline.set_progress_bar_config(disable=True)
+    autocast = torch.autocast(pipeline.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        return [
+            pipeline(
+                settings.prompt,
+                num_inference_steps=settings.num_inference_steps,
+                generator=generator,
+                height=settings.resolution,
+                width=settings.resolution,
+            ).images[0]
+            for _ in range(settings.num_images)
+        ]
+
+
+def validation_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
+    """A pipeline around the models in training: nothing is loaded again and no component changes dtype."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def log_validation(trackers, images: list[Image.Image], output_dir: str, tag: str, step: int) -> list[Path]:
+    """Save the images as PNGs under output_dir/validation and send them to the trackers."""
+    folder = Path(output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        path = folder / f"{tag}-{index}.png"
+        image.save(path)
+        paths.append(path)
+    for tracker in trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images(tag, stacked, step, dataformats="NHWC")
+    return paths
+
+
+def validate_in_training(
+    accelerator,
+    models: dict[str, torch.nn.Module],
+    vae,
+    text_encoder,
+    tokenizer,
+    noise_scheduler,
+    settings: ValidationSettings,
+    output_dir: str,
+    step: int,
+) -> None:
+    """Sample the validation prompt with the models in training (main process), then put them back in training."""
+    from .models import weight_dtype_of
+
+    if not settings.prompt or not accelerator.is_main_process:
+        return
+    models = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    pipeline = validation_pipeline(
+        vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"], noise_scheduler
+    ).to(accelerator.device)
+    images = generate_validation_images(pipeline, settings, weight_dtype_of(accelerator.mixed_precision))
+    log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
+    for model in models.values():
+        model.train()
+
+
+def final_validation(
+    accelerator,
+    base_model: str,
+    revision: str | None,
+    variant: str | None,
+    output_dir: str,
+    settings: ValidationSettings,
+    step: int,
+) -> list[Path]:
+    """Images of the saved adapters, loaded as a user loads them into a fresh pipeline (none without a prompt)."""
+    from diffusers import StableDiffusionPipeline
+
+    from ..loading import load_sara_weights
+
+    if not settings.prompt:
+        return []
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        base_model, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
+    )
+    load_sara_weights(pipeline, output_dir)
+    pipeline.to(accelerator.device)
+    return log_validation(
+        accelerator.trackers, generate_validation_images(pipeline, settings), output_dir, "final", step
+    )

@@ -1,0 +1,42 @@
+"""peft_sara.script_utils.models: the SaRA configurations of a run, the run's dtype, the frozen base."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from conftest import tiny_unet
+from test_checkpoints import SETTINGS
+
+from peft_sara.script_utils.models import freeze, make_optimizer, sara_configs, weight_dtype_of
+
+
+def test_configs_take_the_resolved_threshold_of_a_resumed_run():
+    unet, text_encoder = sara_configs({**SETTINGS, "threshold": None, "target_fraction": 0.1})
+    assert (unet.threshold, unet.target_fraction, unet.progressive_step) == (2e-3, 0.1, 2)
+    assert text_encoder.target_fraction is None
+    unet, text_encoder = sara_configs({**SETTINGS, "target_fraction": 0.1, "unet_threshold": 0.0123})
+    assert (unet.threshold, unet.target_fraction, text_encoder.threshold) == (0.0123, None, 0.0123)
+    _, text_encoder = sara_configs({**SETTINGS, "text_encoder_threshold": 0.5, "seed": 7})
+    assert (text_encoder.threshold, text_encoder.rank_seed) == (0.5, 7)
+
+
+def test_weight_dtype_follows_mixed_precision():
+    assert [weight_dtype_of(name) for name in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
+
+
+def test_freeze_casts_without_warnings_and_trains_nothing():
+    unet = tiny_unet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freeze([unet], torch.device("cpu"), torch.float32)
+    assert not any(param.requires_grad for param in unet.parameters())
+    freeze([unet], torch.device("cpu"), torch.bfloat16)
+    assert unet.dtype == torch.bfloat16
+
+
+def test_optimizer_is_adamw_with_the_given_settings():
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = make_optimizer([param], 1e-3, (0.8, 0.9), 0.01, 1e-6)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["eps"] == 1e-6

@@ -1,0 +1,77 @@
+"""peft_sara.script_utils.output: adapter folders written whole, the model card, the output folder's lock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_unet
+from PIL import Image
+from safetensors import safe_open
+
+import peft_sara
+from peft_sara.script_utils.cli import UserInputError
+from peft_sara.script_utils.output import (
+    COMPONENTS_KEY,
+    SAVE_ID_KEY,
+    lock_output_dir,
+    save_adapters,
+    write_model_card,
+)
+
+
+def adapted_unets(count: int) -> list[torch.nn.Module]:
+    unets = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        unet = tiny_unet()
+        unet.add_adapter(peft_sara.SaRAConfig(threshold=0.02, init_weights=False))
+        unets.append(unet)
+    return unets
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as handle:
+        return handle.metadata()
+
+
+def test_components_of_one_save_share_its_id_and_replace_the_old_folders(tmp_path):
+    first, second = adapted_unets(2)
+    save_adapters(str(tmp_path), {"unet": first, "text_encoder": second}, base_model="org/base")
+    old_id = metadata(tmp_path / "unet")[SAVE_ID_KEY]
+    (tmp_path / "unet.unfinished").mkdir()  # left by a killed save
+    save_adapters(str(tmp_path), {"unet": second, "text_encoder": first})
+    unet, text_encoder = metadata(tmp_path / "unet"), metadata(tmp_path / "text_encoder")
+    assert unet[SAVE_ID_KEY] == text_encoder[SAVE_ID_KEY] != old_id
+    assert unet[COMPONENTS_KEY] == "unet,text_encoder"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["text_encoder", "unet"]
+
+
+def test_non_finite_values_are_never_saved(tmp_path):
+    good, bad = adapted_unets(2)
+    next(param for name, param in bad.named_parameters() if "sara_values" in name).data[0] = float("nan")
+    with pytest.raises(UserInputError, match="text_encoder adapter holds non-finite values"):
+        save_adapters(str(tmp_path), {"unet": good, "text_encoder": bad})
+    assert list(tmp_path.iterdir()) == []  # not even the good component
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
+    with lock_output_dir(str(tmp_path / "out")):
+        with pytest.raises(UserInputError, match=r"Another run \(process \d+\) is using --output_dir"):
+            with lock_output_dir(str(tmp_path / "out")):
+                pass
+    with lock_output_dir(str(tmp_path / "out")):  # free again once the first run ends
+        pass
+
+
+def test_model_card_for_text_to_image_and_dreambooth(tmp_path):
+    (tmp_path / "validation").mkdir()
+    image = tmp_path / "validation" / "final-0.png"
+    Image.new("RGB", (4, 4)).save(image)
+    card = write_model_card(str(tmp_path), "me/style", "org/base", [image], False, validation_prompt="a castle")
+    text = card.read_text()
+    assert "library_name: peft" in text and "base_model: org/base" in text and "- text-to-image" in text
+    assert "dreambooth" not in text and "![final-0](validation/final-0.png)" in text
+    assert "[org/base](https://huggingface.co/org/base)" in text
+    text = write_model_card(str(tmp_path), "me/dog", str(tmp_path), [], True, instance_prompt="sks dog").read_text()
+    assert "- dreambooth" in text and 'instance_prompt: "sks dog"' in text and "text_encoder/" in text
+    assert "https://huggingface.co/" + str(tmp_path) not in text  # a local base is not linked to the Hub

@@ -1,0 +1,58 @@
+"""peft_sara.script_utils.setup: the Accelerator, the optimizer and its schedule around a run's adapters."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import tiny_unet
+
+import peft_sara
+from peft_sara.script_utils.setup import make_accelerator, prepare_optimization
+
+
+@pytest.fixture
+def accelerator(tmp_path):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return make_accelerator(str(tmp_path), "logs", 2, "no", "none", seed=3)
+
+
+def optimizer_flags(**changes) -> argparse.Namespace:
+    flags = dict(
+        scale_lr=False,
+        gradient_accumulation_steps=2,
+        train_batch_size=4,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_weight_decay=1e-2,
+        adam_epsilon=1e-8,
+        use_8bit_adam=False,
+        lr_scheduler="linear",
+        lr_warmup_steps=0,
+        lr_num_cycles=1,
+        lr_power=1.0,
+    )
+    return argparse.Namespace(**{**flags, **changes})
+
+
+def test_accelerator_settings(accelerator):
+    assert accelerator.gradient_accumulation_steps == 2 and accelerator.mixed_precision == "no"
+    assert accelerator.project_configuration.logging_dir.endswith("logs")
+
+
+@pytest.mark.parametrize("scale_lr, expected_lr", [(False, 1e-4), (True, 1e-4 * 2 * 4)])
+def test_optimizer_holds_the_sara_values_only(accelerator, scale_lr, expected_lr):
+    unet = tiny_unet()
+    unet.requires_grad_(False)
+    unet.add_adapter(peft_sara.SaRAConfig(threshold=0.02))
+    data = torch.utils.data.DataLoader(list(range(4)), batch_size=1)
+    models, params, optimizer, _, scheduler = prepare_optimization(
+        accelerator, {"unet": unet}, data, 1e-4, optimizer_flags(scale_lr=scale_lr), max_train_steps=10
+    )
+    sara = [param for name, param in unet.named_parameters() if "sara_values" in name]
+    assert list(models) == ["unet"] and [id(p) for p in params] == [id(p) for p in sara]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
+    assert scheduler.scheduler.lr_lambdas[0](10) == 0.0  # the linear schedule ends at the run's last step
