@@ -36,11 +36,8 @@ from peft_sara.script_utils.arguments import (
 )
 from peft_sara.script_utils.checkpoints import (
     find_resume_checkpoint,
-    load_checkpoint,
     load_checkpoint_adapters,
-    read_run_settings,
     register_checkpointing,
-    resume_settings,
     run_settings,
 )
 from peft_sara.script_utils.checks import check_common_arguments
@@ -52,8 +49,8 @@ from peft_sara.script_utils.data import (
     open_image_problem,
     tokenize,
 )
-from peft_sara.script_utils.loop import LoopSettings, log_run_start, max_train_steps_of, train, updates_per_epoch
-from peft_sara.script_utils.loss import noise_prediction_loss
+from peft_sara.script_utils.loop import LoopSettings, train
+from peft_sara.script_utils.loss import DenoisingLoss
 from peft_sara.script_utils.models import (
     add_sara_adapter,
     freeze,
@@ -63,7 +60,7 @@ from peft_sara.script_utils.models import (
 )
 from peft_sara.script_utils.output import finish_output, lock_output_dir, save_adapters
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
-from peft_sara.script_utils.validation import ValidationSettings, validate_in_training
+from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
 logger = get_logger(__name__)
 
@@ -222,24 +219,22 @@ def train_text_to_image(args: argparse.Namespace) -> Path:
     if args.cache_latents:
         dataset = CachedLatents(dataset, vae, ("pixel_values",), accelerator.device, weight_dtype)
     dataloader = make_dataloader(dataset, args.train_batch_size, collate, args.dataloader_num_workers, args.seed)
-    steps_per_epoch = updates_per_epoch(dataloader, accelerator.num_processes, args.gradient_accumulation_steps)
-    max_train_steps = max_train_steps_of(args.max_train_steps, args.num_train_epochs, steps_per_epoch)
-    settings = run_settings(args, accelerator.num_processes, max_train_steps)
-    if checkpoint is not None:  # the checkpoint's selection, θ and progressive step
-        settings = resume_settings(read_run_settings(checkpoint), settings, args.explicit)
+    loop = LoopSettings.from_args(args, dataloader, accelerator.num_processes)
+    # what decides the result, written into every checkpoint; a resumed run takes the checkpoint's θ and steps
+    loop.run_settings = run_settings(args, accelerator.num_processes, loop.max_train_steps, checkpoint)
 
     # New Code #
     # 2. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.
-    unet_config, text_encoder_config = sara_configs(settings)
+    unet_config, text_encoder_config = sara_configs(loop.run_settings)
     add_sara_adapter(unet, unet_config, "UNet")
     models = {"unet": unet}
     if args.train_text_encoder:
         add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
         models["text_encoder"] = text_encoder
-    settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
+    loop.run_settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
     if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
         load_checkpoint_adapters(models, checkpoint)
-    learning_rate = args.learning_rate or peft_sara.paper_learning_rate(settings["unet_threshold"])
+    learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
     # End of new code #
 
     enable_memory_savings(
@@ -250,7 +245,7 @@ def train_text_to_image(args: argparse.Namespace) -> Path:
         args.train_text_encoder,
     )
     models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
-        accelerator, models, dataloader, learning_rate, args, max_train_steps
+        accelerator, models, dataloader, learning_rate, args, loop.max_train_steps
     )
     # New Code #
     # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
@@ -262,30 +257,24 @@ def train_text_to_image(args: argparse.Namespace) -> Path:
 
     validation = ValidationSettings.from_args(args)
     text_encoder = models.get("text_encoder", text_encoder)
-
-    def validate(step: int) -> None:
-        validate_in_training(
-            accelerator, models, vae, text_encoder, tokenizer, noise_scheduler, validation, args.output_dir, step
-        )
+    validate = in_training_validator(
+        accelerator, models, vae, text_encoder, tokenizer, noise_scheduler, validation, args.output_dir
+    )
+    denoising_loss = DenoisingLoss(
+        vae,
+        text_encoder,
+        models["unet"],
+        noise_scheduler,
+        weight_dtype,
+        args.noise_offset,
+        args.snr_gamma,
+        args.cache_latents,
+    )
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return noise_prediction_loss(
-            batch,
-            vae,
-            text_encoder,
-            models["unet"],
-            noise_scheduler,
-            weight_dtype,
-            args.noise_offset,
-            args.snr_gamma,
-            args.cache_latents,
-        ).mean()
+        return denoising_loss(batch).mean()
 
     # 3. Train, resuming from a checkpoint if asked.
-    loop = LoopSettings.from_args(args, max_train_steps, steps_per_epoch, settings)
-    num_trainable = sum(param.numel() for param in params)
-    log_run_start(len(dataset), accelerator.num_processes, args.train_batch_size, loop, num_trainable, learning_rate)
-    global_step = load_checkpoint(accelerator, checkpoint) if checkpoint is not None else 0
     global_step = train(
         accelerator,
         models,
@@ -297,7 +286,7 @@ def train_text_to_image(args: argparse.Namespace) -> Path:
         validate,
         training,
         loop,
-        global_step,
+        checkpoint,
     )
 
     # 4. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.

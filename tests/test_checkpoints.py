@@ -130,3 +130,16 @@ def test_a_resume_keeps_the_checkpoints_theta_and_progressive_step_and_says_what
     assert settings["progressive_step"] == 2 and settings["unet_threshold"] == 0.0199
     assert "num_processes 1 -> 2" in caplog.text and "max_train_steps" not in caplog.text
     assert resume_settings(saved, current, explicit={"progressive_step"})["progressive_step"] == 4
+
+
+def test_a_checkpoint_that_fails_to_load_names_itself(tmp_path, accelerator):
+    from peft_sara.script_utils.checkpoints import load_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    folder = save_checkpoint(accelerator, str(tmp_path), 3, total_limit=None, run_settings=SETTINGS)
+    state = folder / "optimizer.bin"
+    state.write_bytes(b"\0" * state.stat().st_size)  # same size, so the manifest cannot tell: loading does
+    with pytest.raises(UserInputError, match=r"checkpoint-3 is damaged \(.*\); resume from an older one"):
+        load_checkpoint(accelerator, folder)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -11,7 +13,7 @@ from peft import get_peft_model
 
 import peft_sara
 from peft_sara.script_utils.cli import UserInputError
-from peft_sara.script_utils.loop import LoopSettings, max_train_steps_of, train, updates_per_epoch
+from peft_sara.script_utils.loop import LoopSettings, train, updates_per_epoch
 
 
 def test_updates_per_epoch_counts_each_process_share():
@@ -19,8 +21,22 @@ def test_updates_per_epoch_counts_each_process_share():
     assert updates_per_epoch(batches, num_processes=1, accumulation=1) == 10
     assert updates_per_epoch(batches, num_processes=2, accumulation=2) == 3  # 5 batches each, in steps of 2
     assert updates_per_epoch(batches, num_processes=4, accumulation=1) == 3
-    assert max_train_steps_of(None, num_train_epochs=3, steps_per_epoch=4) == 12
-    assert max_train_steps_of(5, num_train_epochs=3, steps_per_epoch=4) == 5
+    args = argparse.Namespace(
+        max_train_steps=None,
+        num_train_epochs=3,
+        train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        output_dir="out",
+        checkpointing_steps=5,
+        checkpoints_total_limit=None,
+        validation_steps=None,
+        validation_epochs=1,
+    )
+    assert LoopSettings.from_args(args, batches, num_processes=2).max_train_steps == 9  # 3 epochs of 3
+    args.max_train_steps = 4
+    settings = LoopSettings.from_args(args, batches, num_processes=2)
+    assert (settings.max_train_steps, settings.num_epochs) == (4, 2)
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradient"])
@@ -47,7 +63,7 @@ def test_training_stops_before_a_non_finite_step(tmp_path, poison):
             return output + torch.sqrt(total - total.detach())  # adds 0 to the loss, an infinite gradient
         return output
 
-    settings = LoopSettings(10, 4, 1, 1.0, str(tmp_path), 100, None, None, 100)
+    settings = LoopSettings(10, 4, 2, 1, 1.0, str(tmp_path), 100, None, None, 100)
     with pytest.raises(UserInputError, match=f"diverged at step 3: the {poison}"):
         train(
             accelerator,

@@ -230,16 +230,17 @@ def compare_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> None
         )
 
 
-def run_settings(args, num_processes: int, max_train_steps: int) -> dict[str, Any]:
-    """What a run asks for that decides its result: written into every checkpoint, compared on resume. The UNet's
-    resolved θ (`unet_threshold`) is added once the adapter exists."""
+def run_settings(args, num_processes: int, max_train_steps: int, checkpoint: Path | None = None) -> dict[str, Any]:
+    """What a run asks for that decides its result: written into every checkpoint, compared on resume. A resumed run
+    takes the checkpoint's θ and progressive step (see `resume_settings`). The UNet's resolved θ (`unet_threshold`)
+    is added once the adapter exists."""
     if args.no_progressive:
         progressive_step = None
     elif args.progressive_step is not None:
         progressive_step = args.progressive_step
     else:
         progressive_step = max(1, max_train_steps // 2)  # the paper's: half of the run
-    return {
+    settings = {
         "threshold": args.threshold,
         "target_fraction": args.target_fraction,
         "include_bias": args.include_bias,
@@ -254,6 +255,9 @@ def run_settings(args, num_processes: int, max_train_steps: int) -> dict[str, An
         "mixed_precision": args.mixed_precision,
         "max_train_steps": max_train_steps,
     }
+    if checkpoint is None:
+        return settings
+    return resume_settings(read_run_settings(checkpoint), settings, args.explicit)
 
 
 def resume_settings(saved: dict[str, Any], current: dict[str, Any], explicit: set[str]) -> dict[str, Any]:

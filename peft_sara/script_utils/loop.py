@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..training import SaRATraining
-from .checkpoints import save_checkpoint
+from .checkpoints import load_checkpoint, save_checkpoint
 from .cli import UserInputError, get_logger
 
 logger = get_logger(__name__)
@@ -24,6 +25,7 @@ class LoopSettings:
 
     max_train_steps: int
     updates_per_epoch: int
+    train_batch_size: int
     gradient_accumulation_steps: int
     max_grad_norm: float
     output_dir: str
@@ -34,12 +36,13 @@ class LoopSettings:
     run_settings: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_args(
-        cls, args, max_train_steps: int, updates_per_epoch: int, run_settings: dict[str, Any]
-    ) -> LoopSettings:
+    def from_args(cls, args, dataloader, num_processes: int) -> LoopSettings:
+        """The run's plan from its flags and its (not yet prepared) data loader."""
+        steps_per_epoch = updates_per_epoch(dataloader, num_processes, args.gradient_accumulation_steps)
         return cls(
-            max_train_steps=max_train_steps,
-            updates_per_epoch=updates_per_epoch,
+            max_train_steps=args.max_train_steps or args.num_train_epochs * steps_per_epoch,
+            updates_per_epoch=steps_per_epoch,
+            train_batch_size=args.train_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             max_grad_norm=args.max_grad_norm,
             output_dir=args.output_dir,
@@ -47,7 +50,6 @@ class LoopSettings:
             checkpoints_total_limit=args.checkpoints_total_limit,
             validation_steps=args.validation_steps,
             validation_epochs=args.validation_epochs,
-            run_settings=run_settings,
         )
 
     @property
@@ -60,18 +62,14 @@ def updates_per_epoch(dataloader, num_processes: int, accumulation: int) -> int:
     return math.ceil(math.ceil(len(dataloader) / num_processes) / accumulation)
 
 
-def max_train_steps_of(max_train_steps: int | None, num_train_epochs: int, steps_per_epoch: int) -> int:
-    return max_train_steps or num_train_epochs * steps_per_epoch
-
-
 def log_run_start(
-    num_examples: int, num_processes: int, batch_size: int, settings: LoopSettings, num_trainable: int, lr: float
+    num_examples: int, num_processes: int, settings: LoopSettings, num_trainable: int, lr: float
 ) -> None:
-    total_batch = batch_size * num_processes * settings.gradient_accumulation_steps
+    total_batch = settings.train_batch_size * num_processes * settings.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {num_examples}, num epochs = {settings.num_epochs}")
     logger.info(f"  Num processes = {num_processes}")
-    logger.info(f"  Instantaneous batch size per device = {batch_size}")
+    logger.info(f"  Instantaneous batch size per device = {settings.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
     logger.info(f"  Gradient accumulation steps = {settings.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {settings.max_train_steps}")
@@ -104,11 +102,15 @@ def train(
     validate: Callable[[int], None],
     training: SaRATraining,
     settings: LoopSettings,
-    global_step: int = 0,
+    checkpoint: Path | None = None,
 ) -> int:
-    """Train from `global_step` (a resumed run's) to `settings.max_train_steps`; returns the step reached."""
+    """Train to `settings.max_train_steps`, from `checkpoint` when given; returns the step reached."""
     from tqdm.auto import tqdm
 
+    num_trainable = sum(param.numel() for param in params)
+    lr = optimizer.param_groups[0]["lr"]
+    log_run_start(len(dataloader.dataset), accelerator.num_processes, settings, num_trainable, lr)
+    global_step = load_checkpoint(accelerator, checkpoint) if checkpoint is not None else 0
     first_epoch, updates_into_epoch = divmod(global_step, settings.updates_per_epoch)
     batches_to_skip = updates_into_epoch * settings.gradient_accumulation_steps
     progress = tqdm(

@@ -50,20 +50,27 @@ def per_sample_loss(
     return loss * weights
 
 
-def noise_prediction_loss(
-    batch: dict[str, torch.Tensor],
-    vae,
-    text_encoder,
-    unet,
-    noise_scheduler,
-    weight_dtype: torch.dtype,
-    noise_offset: float = 0.0,
-    snr_gamma: float | None = None,
-    cached_latents: bool = False,
-) -> torch.Tensor:
-    """Per-sample loss of one batch: encode, add noise, predict it (or the velocity) with the UNet."""
-    latents = encode_latents(vae, batch["pixel_values"], cached_latents, weight_dtype)
-    noisy_latents, timesteps, target = diffusion_targets(noise_scheduler, latents, noise_offset)
-    text_embeddings = text_encoder(batch["input_ids"])[0]
-    prediction = unet(noisy_latents, timesteps, text_embeddings).sample
-    return per_sample_loss(prediction, target, noise_scheduler, timesteps, snr_gamma)
+class DenoisingLoss:
+    """Per-sample loss of a batch: encode (or draw cached latents), add noise, predict it (or the velocity)."""
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        unet,
+        noise_scheduler,
+        weight_dtype: torch.dtype,
+        noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
+        cached_latents: bool = False,
+    ) -> None:
+        self.vae, self.text_encoder, self.unet, self.noise_scheduler = vae, text_encoder, unet, noise_scheduler
+        self.weight_dtype, self.noise_offset, self.snr_gamma = weight_dtype, noise_offset, snr_gamma
+        self.cached_latents = cached_latents
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        latents = encode_latents(self.vae, batch["pixel_values"], self.cached_latents, self.weight_dtype)
+        noisy_latents, timesteps, target = diffusion_targets(self.noise_scheduler, latents, self.noise_offset)
+        text_embeddings = self.text_encoder(batch["input_ids"])[0]
+        prediction = self.unet(noisy_latents, timesteps, text_embeddings).sample
+        return per_sample_loss(prediction, target, self.noise_scheduler, timesteps, self.snr_gamma)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def log_validation(trackers, images: list[Image.Image], output_dir: str, tag: st
     return paths
 
 
-def validate_in_training(
+def in_training_validator(
     accelerator,
     models: dict[str, torch.nn.Module],
     vae,
@@ -89,23 +90,26 @@ def validate_in_training(
     noise_scheduler,
     settings: ValidationSettings,
     output_dir: str,
-    step: int,
-) -> None:
-    """Sample the validation prompt with the models in training (main process), then put them back in training."""
+) -> Callable[[int], None]:
+    """`validate(step)` for the loop: samples the validation prompt with the models in training (main process), then
+    puts them back in training mode. `models` are the prepared ones; the text encoder is the trained one if any."""
     from .models import weight_dtype_of
 
-    if not settings.prompt or not accelerator.is_main_process:
-        return
-    models = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-    for model in models.values():
-        model.eval()
-    pipeline = validation_pipeline(
-        vae, models.get("text_encoder", text_encoder), tokenizer, models["unet"], noise_scheduler
-    ).to(accelerator.device)
-    images = generate_validation_images(pipeline, settings, weight_dtype_of(accelerator.mixed_precision))
-    log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
-    for model in models.values():
-        model.train()
+    def validate(step: int) -> None:
+        if not settings.prompt or not accelerator.is_main_process:
+            return
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        for model in unwrapped.values():
+            model.eval()
+        pipeline = validation_pipeline(
+            vae, unwrapped.get("text_encoder", text_encoder), tokenizer, unwrapped["unet"], noise_scheduler
+        ).to(accelerator.device)
+        images = generate_validation_images(pipeline, settings, weight_dtype_of(accelerator.mixed_precision))
+        log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
+        for model in unwrapped.values():
+            model.train()
+
+    return validate
 
 
 def final_validation(
