@@ -27,24 +27,24 @@ test-all: lint
 
 # DreamBooth-SaRA end to end on the embedded tiny base (CPU, offline): writes demo/output/grid.png.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/run_demo.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m demo.run_demo
 
 # Rebuild the demo's pre-trained base (about 17 minutes on 2 CPU cores); the repository ships its result.
 demo-base: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/build_demo_base.py --output_dir demo/base
+	HF_HUB_OFFLINE=1 $(BIN)/python -m demo.build_demo_base --output_dir demo/base
 
 # SaRA against its peers on SD 1.5's UNet architecture at the paper's 50M (about 15 minutes on 2 CPU cores), then the
 # plot of every saved setting. docs/benchmarks.md has the commands of the 20M, 5M and batch-4 runs.
 benchmark: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/benchmark.py --model sd15 --batch-size 1 --latent-size 32 --steps 3 \
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.benchmark --model sd15 --batch-size 1 --latent-size 32 --steps 3 \
 		--target-fraction 0.058 --methods frozen,full,sara,masked_dense,lora_attention,lora_matched,supertuning,shira \
 		--output docs/benchmark_sd15_peers.json
-	$(BIN)/python scripts/benchmark.py --plot docs/benchmark_sd15_peers.png --from-json docs/benchmark_sd15_peers.json \
+	$(BIN)/python -m benchmarks.benchmark --plot docs/benchmark_sd15_peers.png --from-json docs/benchmark_sd15_peers.json \
 		docs/benchmark_sd15_peers_20m.json docs/benchmark_sd15_peers_5m.json docs/benchmark_sd15_peers_batch4.json
 
 # Target fit against prior drift on the demo's tiny base (about 50 minutes on 2 CPU cores): docs/quality/.
 quality: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/quality_study.py --output_dir docs/quality
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.quality_study --output_dir docs/quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

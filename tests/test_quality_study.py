@@ -1,4 +1,4 @@
-"""scripts/quality_study.py in its short setting on the shipped demo base, and its input checks."""
+"""benchmarks/quality_study.py in its short setting on the shipped demo base, and its input checks."""
 
 from __future__ import annotations
 
@@ -8,18 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import load_script
 from PIL import Image
+
+from benchmarks import quality_study
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE = REPO_ROOT / "demo" / "base"
 
 
-@pytest.mark.skipif(
-    not (BASE / "model_index.json").is_file(), reason="demo/base is built by scripts/build_demo_base.py"
-)
+@pytest.mark.skipif(not (BASE / "model_index.json").is_file(), reason="demo/base is built by demo/build_demo_base.py")
 def test_short_study_writes_table_plot_grids_and_consistent_results(tmp_path):
-    rows = load_script("quality_study").main(
+    rows = quality_study.main(
         [
             "--output_dir",
             str(tmp_path),
@@ -90,8 +89,8 @@ def test_short_study_writes_table_plot_grids_and_consistent_results(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_before_any_work(flags, message):
-    script = REPO_ROOT / "scripts" / "quality_study.py"
-    result = subprocess.run([sys.executable, str(script), *flags], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "benchmarks.quality_study", *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and message in result.stderr
     assert "Traceback" not in result.stderr

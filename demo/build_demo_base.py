@@ -1,13 +1,12 @@
-#!/usr/bin/env python
 """Build the demo's base model: a tiny Stable Diffusion pipeline pre-trained on a world of coloured shapes.
 
 The demo needs a base that has learned something, so that fine-tuning visibly adds a subject while the rest of what
 the base draws stays as it was. This script draws the world itself (no download): 32×32 pictures of circles, squares
 and triangles in four colours, captioned "a photo of a red circle" and so on. It trains, from scratch, a small VAE,
 then a CLIP text encoder and a UNet together, and saves a standard `StableDiffusionPipeline` that
-`StableDiffusionPipeline.from_pretrained` loads offline.
+`StableDiffusionPipeline.from_pretrained` loads offline. From the repository root:
 
-    python scripts/build_demo_base.py --output_dir demo/base      # about 17 minutes on 2 CPU cores
+    python -m demo.build_demo_base --output_dir demo/base      # about 17 minutes on 2 CPU cores (or: make demo-base)
 """
 
 from __future__ import annotations
@@ -29,7 +28,11 @@ IMAGE_SIZE = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.build_demo_base",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output_dir", default="demo/base", help="Where the pipeline is saved.")
     parser.add_argument("--num_images", type=int, default=4000, help="Pictures in the generated world.")
     parser.add_argument("--vae_steps", type=int, default=800, help="Training steps of the VAE.")

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Quality study: how well each fine-tuning method learns a new target, and how much of the base it keeps.
 
 Runs on the demo's pre-trained tiny base (demo/base, a Stable Diffusion pipeline trained on red, green, blue and
@@ -8,7 +7,7 @@ yellow circles, squares and triangles). Two targets the base world never had:
 - `style`: a "sty style" of the same world, every shape drawn with white stripes, 24 captioned pictures
   ("sty style, a red circle").
 Each method fine-tunes the UNet (text encoder frozen) at a few learning rates and seeds, with AdamW, a cosine
-schedule and gradient clipping 1.0, on the same batches. The methods are those of scripts/benchmark.py, at SaRA's
+schedule and gradient clipping 1.0, on the same batches. The methods are those of benchmarks/benchmark.py, at SaRA's
 trainable count where the method allows it: SaRA, LoRA at the matched rank on the attention projections, the masked
 dense baseline (dense gradients, gradient × SaRA's mask) and full fine-tuning; and SaRA's ablations of the paper's
 Table 2 (without the regulariser, without the progressive step, without both, the largest or random weights
@@ -20,9 +19,10 @@ Measured on every run, with noise, timesteps and sampling seeds fixed across run
   and the mean absolute pixel difference (0..1) between the base's and the fine-tuned model's samples on prompts
   of the base world, same seeds (lower is better for both).
 
-Writes results.json, results.md (table), fit_vs_drift.png and one sample grid per target into --output_dir:
+Writes results.json, results.md (table), fit_vs_drift.png and one sample grid per target into --output_dir; run it
+from the repository root:
 
-    python scripts/quality_study.py --output_dir docs/quality      # about 50 minutes on 2 CPU cores
+    python -m benchmarks.quality_study --output_dir docs/quality      # about 50 minutes on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -43,14 +43,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS_DIR))
+from benchmarks.benchmark import build_method
+from demo.build_demo_base import COLOURS, SHAPES, draw_shape, make_world
+from demo.run_demo import INSTANCE_PROMPT, subject_picture, write_grid
+from peft_sara.script_utils.cli import UserInputError, run_main
 
-from benchmark import build_method  # noqa: E402
-from build_demo_base import COLOURS, SHAPES, draw_shape, make_world  # noqa: E402
-from run_demo import INSTANCE_PROMPT, subject_picture, write_grid  # noqa: E402
-
-from peft_sara.script_utils import UserInputError, run_main  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = ("sara", "lora_matched", "masked_dense", "full")
 # SaRA's ablations (paper Table 2): SaRAConfig overrides of the full method.
@@ -75,9 +73,13 @@ GRID_LABELS = {"sara": "SaRA", "lora_matched": "LoRA", "masked_dense": "masked d
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base_dir", default=str(SCRIPTS_DIR.parent / "demo" / "base"), help="The tiny base.")
-    parser.add_argument("--output_dir", default=str(SCRIPTS_DIR.parent / "docs" / "quality"), help="Results folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality_study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--base_dir", default=str(REPO_ROOT / "demo" / "base"), help="The tiny base.")
+    parser.add_argument("--output_dir", default=str(REPO_ROOT / "docs" / "quality"), help="Results folder.")
     parser.add_argument(
         "--targets", nargs="+", default=["subject", "style"], choices=["subject", "style"], help="What to learn."
     )
@@ -489,7 +491,7 @@ def main(argv=None) -> list[dict]:
     print(table)
     (output_dir / "results.md").write_text(table + "\n")
     report = {
-        "command": "python scripts/quality_study.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.quality_study " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": {key: value for key, value in vars(args).items() if key not in ("output_dir", "base_dir")},
         "torch": torch.__version__,
         "seconds": time.time() - started,

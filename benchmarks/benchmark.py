@@ -18,9 +18,9 @@ load the adapter onto a fresh model. The SaRA budget of the tuner issue is check
     peak(sara) <= 1.10 * (peak(frozen) + 20 B * trainable values + bytes of the largest single weight)
     peak(sara) <= 0.5 * peak(full),   step(sara) <= step(full)
 
-Example (SD 1.5's UNet architecture with random weights, 5.8% trainable, on CPU):
+Example (SD 1.5's UNet architecture with random weights, 5.8% trainable, on CPU), from the repository root:
 
-    python scripts/benchmark.py --model sd15 --target-fraction 0.058 --output docs/benchmark_sd15.json
+    python -m benchmarks.benchmark --model sd15 --target-fraction 0.058 --output docs/benchmark_sd15.json
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 # MALLOC_MMAP_THRESHOLD_ keeps glibc from recycling freed weight-sized blocks into a fragmented heap, which adds
 # several hundred MB of RSS at random (SPEC §6); every method runs with the same setting.
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+# Each method runs as `python -m benchmarks.benchmark` from here, the repository root, whatever the caller's folder.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def unet_config(model: str) -> dict:
@@ -66,7 +68,11 @@ def unet_config(model: str) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="sd15", choices=("sd15", "small"), help="UNet architecture.")
     parser.add_argument("--batch-size", type=int, default=1, help="Training batch size.")
     parser.add_argument("--latent-size", type=int, default=32, help="Latent height and width (64 = 512 px).")
@@ -319,16 +325,17 @@ def main(argv=None) -> None:
         sys.exit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}")
     results = {}
     for method in methods:
-        command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--run-method", method]
+        command = [sys.executable, "-m", "benchmarks.benchmark", *(argv if argv is not None else sys.argv[1:])]
+        command += ["--run-method", method]
         print(f"running {method} ...", file=sys.stderr, flush=True)
         completed = subprocess.run(
-            command, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, check=False
+            command, cwd=REPO_ROOT, env={**os.environ, **CHILD_ENV}, capture_output=True, text=True, check=False
         )
         if completed.returncode != 0:
             sys.exit(f"error: method {method} failed:\n{completed.stderr[-3000:]}")
         results[method] = json.loads(completed.stdout.strip().splitlines()[-1])
     report = {
-        "command": "python scripts/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,

@@ -1,21 +1,25 @@
-#!/usr/bin/env python
 """The embedded demo (`make demo`): DreamBooth-SaRA end to end on CPU, offline, in a few minutes.
 
-The base is the tiny Stable Diffusion pipeline in demo/base, pre-trained by scripts/build_demo_base.py on a world of
+The base is the tiny Stable Diffusion pipeline in demo/base, pre-trained by demo/build_demo_base.py on a world of
 red, green, blue and yellow circles, squares and triangles. The new subject, "sks circle", is something that world
 never had: a blue ring (a blue circle with a white centre). The demo draws five pictures of it, fine-tunes the base
-on them with scripts/train_dreambooth_sara.py (prior preservation on "a photo of a circle", class pictures drawn by
-the base itself), and writes demo/output/grid.png: for the same seeds, the base model (top row) and the fine-tuned
-model (bottom row) on the instance prompt (left) and on the class prompt (right). The fine-tuned model should draw the
-subject on the instance prompt and still draw ordinary circles on the class prompt.
+on them by running scripts/train_dreambooth_sara.py as a user would (prior preservation on "a photo of a circle",
+class pictures drawn by the base itself), and writes demo/output/grid.png: for the same seeds, the base model (top
+row) and the fine-tuned model (bottom row) on the instance prompt (left) and on the class prompt (right). The
+fine-tuned model should draw the subject on the instance prompt and still draw ordinary circles on the class prompt.
+From the repository root:
 
-    python scripts/run_demo.py            # or: make demo
+    python -m demo.run_demo            # or: make demo
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import collections
+import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINING_SCRIPT = "scripts/train_dreambooth_sara.py"  # relative to REPO_ROOT, where the demo runs it
 INSTANCE_PROMPT = "a photo of sks circle"
 CLASS_PROMPT = "a photo of a circle"
 # Blue, a colour of the base world (its VAE cannot draw others), as a ring: a shape that world never had.
@@ -31,7 +36,9 @@ SUBJECT_COLOUR, SUBJECT_CENTRE = (40, 80, 220), (255, 255, 255)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.run_demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base_dir", default=str(REPO_ROOT / "demo" / "base"), help="The pre-trained tiny pipeline.")
     parser.add_argument("--output_dir", default=str(REPO_ROOT / "demo" / "output"), help="Where the run is written.")
     parser.add_argument(
@@ -96,6 +103,32 @@ def write_grid(
     grid.save(path)
 
 
+def run_training_script(flags: list[str], error_tail: int = 4000) -> None:
+    """Run scripts/train_dreambooth_sara.py with `flags` as a user would: a new process from the repository root.
+
+    Its output shows as it comes; if it fails, the demo stops with its exit status and the end of its error output.
+    """
+    command = [sys.executable, TRAINING_SCRIPT, *flags]
+    tail: collections.deque[str] = collections.deque()
+    tail_length = 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a chunk may end inside a character
+    with subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE) as process:
+        # stderr is echoed as it comes (progress bars and logs) and its end kept for the error message
+        while chunk := os.read(process.stderr.fileno(), 65536):
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail.append(text)
+            tail_length += len(text)
+            while tail_length - len(tail[0]) >= error_tail:
+                tail_length -= len(tail.popleft())
+    if process.returncode != 0:
+        sys.exit(
+            f"error: {TRAINING_SCRIPT} failed with exit status {process.returncode}; the end of its error output:\n"
+            + "".join(tail)[-error_tail:]
+        )
+
+
 def main(argv=None) -> Path:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -107,27 +140,24 @@ def main(argv=None) -> Path:
         sys.exit(f"error: no base pipeline in {base_dir}; build it with: make demo-base")
     start = time.time()
     draw_subject(output_dir / "data" / "sks-circle", count=5)
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import train_dreambooth_sara
-
-    train_dreambooth_sara.main(
+    run_training_script(
         [
             "--config",
-            args.config,
+            str(Path(args.config).absolute()),
             "--pretrained_model_name_or_path",
-            str(base_dir),
+            str(base_dir.absolute()),
             "--instance_data_dir",
-            str(output_dir / "data" / "sks-circle"),
+            str((output_dir / "data" / "sks-circle").absolute()),
             "--instance_prompt",
             INSTANCE_PROMPT,
             "--class_prompt",
             CLASS_PROMPT,
             "--class_data_dir",
-            str(output_dir / "data" / "class-circle"),
+            str((output_dir / "data" / "class-circle").absolute()),
             "--validation_prompt",
             INSTANCE_PROMPT,
             "--output_dir",
-            str(output_dir / "sks-circle-sara"),
+            str((output_dir / "sks-circle-sara").absolute()),
             *training_flags,
         ]
     )

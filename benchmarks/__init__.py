@@ -1,0 +1,1 @@
+"""SaRA against its peers: the memory benchmark and the quality study, run with `python -m`."""

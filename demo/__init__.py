@@ -1,0 +1,1 @@
+"""The embedded demo: the builder of its tiny base and the DreamBooth-SaRA runner, run with `python -m`."""
