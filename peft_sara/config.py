@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from peft.config import PeftConfig
 
@@ -135,20 +136,14 @@ class SaRAConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SARA
+        self._check_kinds()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a positive number, got {self.threshold!r}.")
         if not math.isfinite(self.threshold) or self.threshold <= 0:
             raise ValueError(
                 f"threshold must be a positive finite number (the paper uses 2e-3), got {self.threshold}."
-            )
-        if self.target_fraction is not None and not 0 < self.target_fraction < 1:
-            raise ValueError(
-                f"target_fraction must lie strictly between 0 and 1 (e.g. 0.058 for the paper's 5.8%), got "
-                f"{self.target_fraction}."
             )
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
@@ -158,16 +153,62 @@ class SaRAConfig(PeftConfig):
                 "the entries still below θ, which only means something for selection='smallest'. Set "
                 "progressive_step=None."
             )
-        if not math.isfinite(self.lambda_rank) or self.lambda_rank < 0:
-            raise ValueError(f"lambda_rank must be >= 0 (the paper uses 5e-3; 0 disables it), got {self.lambda_rank}.")
-        if self.rank_min_dim < 0:
-            raise ValueError(f"rank_min_dim must be >= 0, got {self.rank_min_dim}.")
-        if self.progressive_step is not None and (
-            isinstance(self.progressive_step, bool)
-            or not isinstance(self.progressive_step, int)
-            or self.progressive_step < 0
-        ):
-            raise ValueError(
-                f"progressive_step must be a non-negative number of optimizer steps or None to disable it, got "
-                f"{self.progressive_step!r}."
-            )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Read a saved adapter's config. A SaRA config read this way is marked as awaiting its saved weights: the
+        adapter `PeftModel.from_pretrained` or `load_adapter` makes from it exists only to receive them, so if they do
+        not fit the model, loading removes that adapter again instead of leaving its layers in the model."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, SaRAConfig):
+            config._awaits_saved_weights = True
+        return config
+
+    def _check_kinds(self) -> None:
+        """One ValueError naming the field, the value and what it should be, for configs read from hand-edited or
+        damaged JSON files: a value of the wrong kind would otherwise fail a range check with a bare TypeError."""
+        expected = {
+            "threshold": (_is_number(self.threshold), "a positive number"),
+            "target_fraction": (
+                self.target_fraction is None or (_is_number(self.target_fraction) and 0 < self.target_fraction < 1),
+                "a number strictly between 0 and 1 (e.g. 0.058 for the paper's 5.8%) or None",
+            ),
+            "target_modules": (_is_module_names(self.target_modules), _MODULE_NAMES),
+            "exclude_modules": (_is_module_names(self.exclude_modules), _MODULE_NAMES),
+            "include_bias": (isinstance(self.include_bias, bool), "true or false"),
+            "init_weights": (isinstance(self.init_weights, bool), "true or false"),
+            "lambda_rank": (
+                _is_number(self.lambda_rank) and math.isfinite(self.lambda_rank) and self.lambda_rank >= 0,
+                "a number >= 0 (the paper uses 5e-3; 0 disables it)",
+            ),
+            "rank_min_dim": (_is_integer(self.rank_min_dim) and self.rank_min_dim >= 0, "an integer >= 0"),
+            "rank_seed": (_is_integer(self.rank_seed), "an integer"),
+            "progressive_step": (
+                self.progressive_step is None or (_is_integer(self.progressive_step) and self.progressive_step >= 0),
+                "a non-negative number of optimizer steps or None to disable it",
+            ),
+        }
+        for name, (valid, kind) in expected.items():
+            if not valid:
+                raise ValueError(f"{name} must be {kind}, got {getattr(self, name)!r}.")
+
+
+_MODULE_NAMES = "a module name, a list of names or a regex (or None)"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_module_names(value: object) -> bool:
+    return (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, (list, set)) and all(isinstance(name, str) for name in value))
+    )

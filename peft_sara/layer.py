@@ -10,6 +10,7 @@ backward pass and no dense weight gradient outlives its layer's backward step.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -180,6 +181,28 @@ class _Conv2dOp:
         return grad_output.sum((0, 2, 3))
 
 
+class ModelReference:
+    """A weak reference from a SaRA layer to the model it was injected into: merging one layer safely checks the
+    layer's peers first, as diffusers' `fuse_lora` merges layer by layer with no model-wide step.
+
+    A deep copy of the whole model refers to the copy; a layer copied or pickled on its own refers to no model and
+    checks only itself.
+    """
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self._reference = None if model is None else weakref.ref(model)
+
+    def __call__(self) -> nn.Module | None:
+        return None if self._reference is None else self._reference()
+
+    def __deepcopy__(self, memo: dict) -> ModelReference:
+        model = self()
+        return ModelReference(None if model is None else memo.get(id(model)))
+
+    def __reduce__(self) -> tuple:
+        return ModelReference, ()
+
+
 class SaRALayer(BaseTunerLayer):
     """State and generic operations shared by the SaRA layers of every base type."""
 
@@ -195,6 +218,8 @@ class SaRALayer(BaseTunerLayer):
         self.sara_scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        self.model_reference = ModelReference()
+        self._checked_for_merge: list[str] | None = None  # adapters a peer's safe merge has checked for this layer
         base_layer = self.get_base_layer()
         for attribute in ("in_features", "out_features", "in_channels", "out_channels"):
             if hasattr(base_layer, attribute):
@@ -268,8 +293,8 @@ class SaRALayer(BaseTunerLayer):
             torch.zeros_like(weight), self._updates([adapter_name], self.sara_indices, self.sara_values)
         )
 
-    def _fold_into_base(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
-        """Add (sign=1) or subtract (sign=-1) one adapter's updates to the base weight and bias."""
+    def _folded(self, adapter_name: str, sign: float) -> dict[str, torch.Tensor]:
+        """The base weight and bias with one adapter's updates added (sign=1) or subtracted (sign=-1), as copies."""
         base_layer = self.get_base_layer()
         folded = {}
         for tensor_name, index_dict, value_dict in (
@@ -279,17 +304,55 @@ class SaRALayer(BaseTunerLayer):
             updates = [(i, v, sign * scale) for i, v, scale in self._updates([adapter_name], index_dict, value_dict)]
             if updates:
                 folded[tensor_name] = _scatter_updates(getattr(base_layer, tensor_name).data, updates)
+        return folded
+
+    def _fold_into_base(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
+        """Add (sign=1) or subtract (sign=-1) one adapter's updates to the base weight and bias."""
+        folded = self._folded(adapter_name, sign)
         if check_finite and not all(torch.isfinite(tensor).all() for tensor in folded.values()):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
         for tensor_name, tensor in folded.items():
-            getattr(base_layer, tensor_name).data.copy_(tensor)
+            getattr(self.get_base_layer(), tensor_name).data.copy_(tensor)
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        """The SaRA adapters of this layer that `merge(adapter_names=...)` merges, as `check_adapters_to_merge` picks
+        them but without its warnings."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [name for name in names if name in self.sara_values and name not in self.merged_adapters]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the updates of the given (default: active) adapters into the base weight and bias."""
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name in self.sara_values:
-                self._fold_into_base(name, 1.0, check_finite=safe_merge)
-                self.merged_adapters.append(name)
+        """Add the updates of the given (default: active) adapters into the base weight and bias.
+
+        With `safe_merge`, the first layer merged checks every SaRA layer of its model, so that a non-finite update
+        anywhere refuses the whole merge before any weight changes; the layers it checked then skip that model-wide
+        check (one pass over the model per merge, not one per layer).
+        """
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sara_values]
+        checked, self._checked_for_merge = self._checked_for_merge, None
+        if safe_merge and names and checked != names:
+            self._check_merge_of_peers(adapter_names)
+        for name in names:
+            self._fold_into_base(name, 1.0, check_finite=safe_merge)
+            self.merged_adapters.append(name)
+
+    def _check_merge_of_peers(self, adapter_names: list[str] | None) -> None:
+        """Raise if merging would put a non-finite value into any SaRA layer of this layer's model; otherwise mark
+        the other layers as checked for this merge."""
+        model = self.model_reference()
+        named_layers = [] if model is None else [(n, m) for n, m in model.named_modules() if isinstance(m, SaRALayer)]
+        if not any(layer is self for _, layer in named_layers):
+            named_layers = [("", self)]
+        to_merge = [(name, layer, layer._adapters_to_merge(adapter_names)) for name, layer in named_layers]
+        for module_name, layer, names in to_merge:
+            for adapter_name in names:
+                if not all(torch.isfinite(tensor).all() for tensor in layer._folded(adapter_name, 1.0).values()):
+                    raise ValueError(
+                        f"NaNs detected in the merged weights of {module_name or type(layer).__name__}. The adapter "
+                        f"{adapter_name} seems to be broken; nothing was merged."
+                    )
+        for _, layer, names in to_merge:
+            if layer is not self:
+                layer._checked_for_merge = names
 
     def unmerge(self) -> None:
         """Subtract the merged updates from the base weight and bias, last merged first."""

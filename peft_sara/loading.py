@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from typing import Any
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import delete_adapter
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_peft_weights
+from peft import PeftConfig, PeftType, inject_adapter_in_model, set_peft_model_state_dict
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights
+from torch import nn
 
+from .config import SaRAConfig
 from .layer import SaRALayer
+from .model import check_saved_adapter, remove_sara_adapter
 from .peft_type import SARA
+
+# Written by the training scripts into every adapter file of one save (safetensors metadata): the save's id and its
+# components, so that a folder mixing two saves (a save killed half-way) is refused instead of loaded.
+SAVE_ID_KEY = "sara_save_id"
+COMPONENTS_KEY = "sara_components"
 
 # Pipeline components that training scripts adapt, in the folders they save them to.
 ADAPTABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -65,6 +73,9 @@ def load_sara_weights(
     denoiser (`unet` or `transformer`). The components keep their class, so the pipeline runs as before, and
     diffusers' `set_adapters`, `disable_adapters`, `fuse_lora` and `unload_lora` work on them. `hub_kwargs`
     (`revision`, `token`, `cache_dir`, ...) go to the Hub download. Returns the names of the adapted components.
+
+    The load is all or nothing: configs, weights files and every saved update are checked before any component
+    changes, and a load refused later still leaves every component as it was, so a retry can follow.
     """
     available = [name for name in (components or ADAPTABLE_COMPONENTS) if getattr(pipeline, name, None) is not None]
     if not available:
@@ -79,32 +90,123 @@ def load_sara_weights(
             f"Found no adapter ({CONFIG_NAME}) for the components {available} in {path_or_repo_id}: pass the output "
             "folder of a training script or a PEFT adapter folder."
         )
-    configs = {}
-    for name, folder in folders.items():
-        config = PeftConfig.from_pretrained(folder)
-        if config.peft_type != SARA:
-            raise ValueError(
-                f"The adapter for {name} in {path_or_repo_id} is a {config.peft_type.value} adapter, not SaRA; load "
-                "LoRA adapters with pipeline.load_lora_weights()."
-            )
+    configs = {name: _read_config(name, folder, path_or_repo_id) for name, folder in folders.items()}
+    for name in configs:
         if adapter_name in (getattr(getattr(pipeline, name), "peft_config", None) or {}):
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}; pass another adapter_name.")
-        configs[name] = config
-    weights = {}
-    for name, folder in folders.items():
+    weights = {name: _read_weights(name, folder, path_or_repo_id) for name, folder in folders.items()}
+    _check_one_save(folders, available, path_or_repo_id)
+    for name, state_dict in weights.items():
         try:
-            weights[name] = load_peft_weights(folder)
-        except Exception as error:  # safetensors and torch raise many types for a missing or damaged file
-            raise ValueError(f"Could not read the adapter weights for {name} in {path_or_repo_id}: {error}") from error
-    for name, config in configs.items():
-        component = getattr(pipeline, name)
-        config.inference_mode = True
-        inject_adapter_in_model(config, component, adapter_name=adapter_name)
-        try:
+            check_saved_adapter(getattr(pipeline, name), state_dict)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+    # Everything that can be checked without changing a component has been; anything failing from here on undoes
+    # every component's injection, so that a retry (or the pipeline as it was) works.
+    snapshots = [_ComponentSnapshot(getattr(pipeline, name)) for name in configs]
+    try:
+        for name, config in configs.items():
+            component = getattr(pipeline, name)
+            config.inference_mode = True
+            inject_adapter_in_model(config, component, adapter_name=adapter_name)
             set_peft_model_state_dict(component, weights[name], adapter_name=adapter_name)
-        except ValueError:  # the adapter does not fit this component: leave it as it was
-            delete_adapter(component, adapter_name, prefix="sara_", layer_cls=SaRALayer)
-            component.peft_config.pop(adapter_name, None)
-            raise
-        component._hf_peft_config_loaded = True  # lets diffusers' adapter methods (set_adapters, fuse_lora) see it
+            component._hf_peft_config_loaded = True  # lets diffusers' adapter methods (set_adapters, fuse_lora) see it
+    except BaseException as error:
+        for snapshot in snapshots:
+            snapshot.restore(adapter_name)
+        if isinstance(error, ValueError):
+            raise ValueError(f"{name}: {error}") from error
+        raise
     return list(configs)
+
+
+def _check_one_save(folders: dict[str, str], available: list[str], source: str) -> None:
+    """Refuse components written by different saves, or a save whose other components are missing: loading them
+    would silently combine adapters that were never trained together."""
+    from safetensors import safe_open
+
+    saves = {}
+    for name, folder in folders.items():
+        path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(path):
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            if SAVE_ID_KEY in metadata:
+                saves[name] = (metadata[SAVE_ID_KEY], metadata.get(COMPONENTS_KEY, "").split(","))
+    save_ids = {save_id for save_id, _ in saves.values()}
+    missing = sorted(
+        {component for _, listed in saves.values() for component in listed} & set(available) - set(folders)
+    )
+    if len(save_ids) > 1 or missing:
+        problem = f"{', '.join(missing)} missing" if missing else "its components come from different saves"
+        raise ValueError(
+            f"The adapters in {source} are not one whole save ({problem}): a save was interrupted. Save or train "
+            "again, or load the components you trust with components=[...]."
+        )
+
+
+def _read_config(name: str, folder: str, source: str) -> SaRAConfig:
+    """One component's adapter config, refused with one clear error unless it is a valid SaRA config."""
+    try:
+        with open(os.path.join(folder, CONFIG_NAME)) as file:
+            saved = json.load(file)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not read the adapter config for {name} in {source}: {error}") from error
+    peft_type = saved.get("peft_type") if isinstance(saved, dict) else None
+    if not isinstance(peft_type, str) or peft_type not in {member.value for member in PeftType}:
+        raise ValueError(
+            f"The adapter config for {name} in {source} has peft_type={peft_type!r}; expected a PEFT method name such "
+            f"as {SARA.value!r}."
+        )
+    if peft_type != SARA.value:
+        raise ValueError(
+            f"The adapter for {name} in {source} is a {peft_type} adapter, not SaRA; load LoRA adapters with "
+            "pipeline.load_lora_weights()."
+        )
+    try:
+        return PeftConfig.from_pretrained(folder)
+    except ValueError as error:
+        raise ValueError(f"The adapter config for {name} in {source} is invalid: {error}") from error
+
+
+def _read_weights(name: str, folder: str, source: str) -> dict:
+    """One component's saved adapter tensors; a missing or unreadable file is named as such."""
+    if not any(os.path.isfile(os.path.join(folder, file)) for file in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)):
+        # peft would take the folder for a Hub repo id and report a malformed one
+        raise ValueError(
+            f"The adapter for {name} in {source} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME} (in {folder}): "
+            "its weights file is missing. Copy or upload it next to the config."
+        )
+    try:
+        return load_peft_weights(folder)
+    except Exception as error:  # safetensors and torch raise many types for a damaged file
+        raise ValueError(f"Could not read the adapter weights for {name} in {source}: {error}") from error
+
+
+class _ComponentSnapshot:
+    """What loading an adapter changes in a component besides its modules, to put back if the load is refused."""
+
+    def __init__(self, component: nn.Module) -> None:
+        self.component = component
+        self.peft_config = vars(component).get("peft_config")
+        self.loaded_flag = vars(component).get("_hf_peft_config_loaded")
+        self.requires_grad = [(param, param.requires_grad) for param in component.parameters()]
+        # injecting an adapter makes it the active one of every SaRA layer, those of other adapters included
+        self.active = [(m, list(m.active_adapters)) for m in component.modules() if isinstance(m, SaRALayer)]
+
+    def restore(self, adapter_name: str) -> None:
+        """Remove the adapter (and the SaRA layers it alone used), and put the configs and flags back as they were."""
+        component = self.component
+        for layer, active in self.active:  # first, so that removing the adapter does not pick new active ones
+            layer.set_adapter(active)
+        remove_sara_adapter(component, adapter_name)
+        if self.peft_config is None:
+            vars(component).pop("peft_config", None)
+        else:
+            component.peft_config = self.peft_config
+        if self.loaded_flag is None:
+            vars(component).pop("_hf_peft_config_loaded", None)
+        else:
+            component._hf_peft_config_loaded = self.loaded_flag
+        for param, requires_grad in self.requires_grad:
+            param.requires_grad_(requires_grad)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists, delete_adapter
 from torch import nn
 
 from .config import SaRAConfig
-from .layer import Conv2d, Linear, SaRALayer, index_dtype_for
+from .layer import Conv2d, Linear, ModelReference, SaRALayer, index_dtype_for
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
 # (positions attribute, values attribute, name of the base layer's tensor they update, name of the packed form)
@@ -69,6 +70,18 @@ def threshold_for_fraction(tensors: list[torch.Tensor], fraction: float) -> floa
     kth_smallest_bits = (bucket << 16) | low
     # the next float above the k-th smallest |w|: |w| < θ then holds for it and everything below it
     return torch.tensor(kth_smallest_bits + 1, dtype=torch.int32).view(torch.float32).item()
+
+
+class _SavedUpdate(NamedTuple):
+    """One layer's saved update, checked against the layer, with the state-dict keys it is loaded from."""
+
+    module: SaRALayer
+    update: tuple[str, str, str, str]  # a row of SPARSE_UPDATES
+    index_key: str
+    value_key: str
+    mask_key: str | None
+    indices: torch.Tensor
+    values: torch.Tensor
 
 
 class SaRAModel(BaseTuner):
@@ -146,6 +159,7 @@ class SaRAModel(BaseTuner):
             target.update_layer(adapter_name, peft_config)
             return
         new_module = self._create_new_module(peft_config, adapter_name, target)
+        new_module.model_reference = ModelReference(self.model)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until it is made active
         self._replace_module(parent, target_name, new_module, target)
@@ -191,40 +205,65 @@ class SaRAModel(BaseTuner):
 
         The layers were created with positions selected from the base model in hand, which may differ from the one
         the adapter was trained on (another dtype breaks ties at θ differently): the saved positions are the truth,
-        so the layers are resized to them before peft copies the tensors in.
+        so the layers are resized to them before peft copies the tensors in. Every layer is checked before any is
+        resized, so a refused load changes no layer; an adapter made only to receive these weights (its config read
+        by `SaRAConfig.from_pretrained`, as `PeftModel.from_pretrained` and `load_adapter` do) is removed again.
         """
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected_keys, missing = set(), []
+        try:
+            fitted = cls._match_saved_updates(model, adapter_name, state_dict)
+        except ValueError:
+            if getattr(config, "_awaits_saved_weights", False):
+                remove_sara_adapter(model, adapter_name)
+            raise
+        config._awaits_saved_weights = False
+        for saved in fitted:
+            index_attr, value_attr, tensor_name, _ = saved.update
+            if saved.mask_key is not None:
+                del state_dict[saved.mask_key]
+            state_dict[saved.index_key], state_dict[saved.value_key] = saved.indices, saved.values.float()
+            current_values = getattr(saved.module, value_attr)[adapter_name]
+            if current_values.shape != saved.values.shape:
+                # Only a differently sized selection gets new tensors: an optimizer (or DDP) that already holds the
+                # current values, as when a training run resumes, must keep training the loaded ones.
+                device = getattr(saved.module.get_base_layer(), tensor_name).device
+                getattr(saved.module, index_attr)[adapter_name] = torch.empty_like(saved.indices, device=device)
+                getattr(saved.module, value_attr)[adapter_name] = nn.Parameter(
+                    torch.empty(saved.values.numel(), dtype=torch.float32, device=device),
+                    requires_grad=current_values.requires_grad,
+                )
+        return state_dict
+
+    @classmethod
+    def _match_saved_updates(
+        cls, model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> list[_SavedUpdate]:
+        """Pair every SaRA layer of `adapter_name` with its saved positions and values, checked; change nothing."""
+        fitted, expected_keys, missing = [], set(), []
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
                 continue
-            for index_attr, value_attr, tensor_name, mask_attr in SPARSE_UPDATES:
+            for update in SPARSE_UPDATES:
+                index_attr, value_attr, tensor_name, mask_attr = update
                 if adapter_name not in getattr(module, value_attr):
                     continue
                 index_key = f"{module_name}.{index_attr}.{adapter_name}"
                 value_key = f"{module_name}.{value_attr}.{adapter_name}"
-                expected_keys.update((index_key, value_key))
-                base_tensor = getattr(module.get_base_layer(), tensor_name)
-                name = f"{module_name.removeprefix('base_model.model.')}.{tensor_name}"
                 mask_key = cls._remove_adapter_name_from_key(f"{module_name}.{mask_attr}.{adapter_name}", adapter_name)
                 mask_key = next((k for k in (mask_key, "base_model.model." + mask_key) if k in state_dict), None)
-                if mask_key is not None:
-                    state_dict[index_key] = _unpack_saved_mask(name, state_dict.pop(mask_key), base_tensor)
-                if index_key not in state_dict or value_key not in state_dict:
+                expected_keys.update(key for key in (index_key, value_key, mask_key) if key is not None)
+                if (index_key not in state_dict and mask_key is None) or value_key not in state_dict:
                     missing.append(f"{module_name} ({tensor_name})")
                     continue
-                indices, values = state_dict[index_key], state_dict[value_key]
+                base_tensor = getattr(module.get_base_layer(), tensor_name)
+                name = f"{module_name.removeprefix('base_model.model.')}.{tensor_name}"
+                if mask_key is not None:
+                    indices = _unpack_saved_mask(name, state_dict[mask_key], base_tensor)
+                else:
+                    indices = state_dict[index_key]
+                values = state_dict[value_key]
                 _check_saved_update(name, indices, values, base_tensor)
-                state_dict[value_key] = values.float()
-                current_values = getattr(module, value_attr)[adapter_name]
-                if current_values.shape != values.shape:
-                    # Only a differently sized selection gets new tensors: an optimizer (or DDP) that already holds
-                    # the current values, as when a training run resumes, must keep training the loaded ones.
-                    getattr(module, index_attr)[adapter_name] = torch.empty_like(indices, device=base_tensor.device)
-                    getattr(module, value_attr)[adapter_name] = nn.Parameter(
-                        torch.empty(values.numel(), dtype=torch.float32, device=base_tensor.device),
-                        requires_grad=current_values.requires_grad,
-                    )
+                fitted.append(_SavedUpdate(module, update, index_key, value_key, mask_key, indices, values))
         unexpected = sorted(key for key in state_dict if f".{cls.prefix}" in key and key not in expected_keys)
         if missing or unexpected:
             problems = []
@@ -238,7 +277,59 @@ class SaRAModel(BaseTuner):
                 f"The SaRA adapter does not fit this model: {'; '.join(problems)}. Load it onto the base model it was "
                 "trained on (same architecture and module names)."
             )
-        return state_dict
+        return fitted
+
+
+def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse saved SaRA updates that cannot go onto `model`, before any adapter is injected into it: each must belong
+    to an nn.Linear or nn.Conv2d of the model and fit the tensor it updates. (Whether every layer the adapter targets
+    has one is checked while loading.)"""
+    saved: dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
+        for update in SPARSE_UPDATES:
+            index_attr, value_attr, _, mask_attr = update
+            if attribute in (index_attr, value_attr, mask_attr):
+                saved.setdefault((module_name, update), {})[attribute] = tensor
+    for (module_name, (index_attr, value_attr, tensor_name, mask_attr)), tensors in saved.items():
+        name = f"{module_name}.{tensor_name}"
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        supported = module is not None and _is_supported(module)
+        base_tensor = getattr(_base_layer(module), tensor_name) if supported else None
+        if base_tensor is None:
+            raise ValueError(
+                f"The SaRA adapter does not fit this model: it updates {name}, which is not the {tensor_name} of an "
+                "nn.Linear or nn.Conv2d here. Load it onto the base model it was trained on (same architecture and "
+                "module names)."
+            )
+        if value_attr not in tensors or (index_attr not in tensors and mask_attr not in tensors):
+            lacking = "values" if value_attr not in tensors else "positions"
+            raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
+        if mask_attr in tensors:
+            indices = _unpack_saved_mask(name, tensors[mask_attr], base_tensor)
+        else:
+            indices = tensors[index_attr]
+        _check_saved_update(name, indices, tensors[value_attr], base_tensor)
+
+
+def remove_sara_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Take `adapter_name` out of `model` (a PeftModel, or a model the adapter was injected into) and put back the
+    module each SaRA layer wraps where no adapter is left: a refused load leaves no SaRA layer behind."""
+    tuner = getattr(model, "base_model", None)
+    base = tuner.model if isinstance(tuner, BaseTuner) else model
+    delete_adapter(base, adapter_name, prefix=SaRAModel.prefix, layer_cls=SaRALayer)
+    for module_name, module in list(base.named_modules()):
+        if isinstance(module, SaRALayer) and not module.sara_values:
+            parent_name, _, child_name = module_name.rpartition(".")
+            setattr(base.get_submodule(parent_name), child_name, module.base_layer)
+    configs = getattr(base, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter_name, None)
+        if not configs:
+            del base.peft_config
 
 
 def _unpack_saved_mask(name: str, mask: torch.Tensor, base_tensor: torch.Tensor) -> torch.Tensor:
@@ -256,7 +347,9 @@ def _check_saved_update(name: str, indices: torch.Tensor, values: torch.Tensor, 
     problem = None
     if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
         problem = f"positions must be a 1-D integer tensor, got {indices.dtype} of shape {tuple(indices.shape)}"
-    elif not values.is_floating_point() or values.shape != indices.shape:
+    elif not values.is_floating_point():
+        problem = f"values must be floating point, got {values.dtype}"
+    elif values.shape != indices.shape:
         problem = f"{tuple(values.shape)} values for {indices.numel()} positions"
     elif indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= base_tensor.numel()):
         problem = (

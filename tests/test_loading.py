@@ -98,3 +98,141 @@ def test_an_adapter_for_another_base_is_refused_and_leaves_the_pipeline_as_it_wa
         load_sara_weights(pipeline, str(output_dir))
     assert "default" not in (getattr(pipeline.unet, "peft_config", None) or {})
     assert not any(p.requires_grad is False and "sara_" in n for n, p in pipeline.unet.named_parameters())
+
+
+def component_state(pipeline) -> dict:
+    """What a refused load must leave as it was: each component's outputs, state-dict keys, module objects, flags."""
+    from conftest import unet_inputs
+
+    tokens = torch.arange(1, 9).unsqueeze(0)
+    with torch.no_grad():
+        outputs = {
+            "unet": pipeline.unet(**unet_inputs(pipeline.unet)).sample,
+            "text_encoder": pipeline.text_encoder(tokens).last_hidden_state,
+        }
+    state = {}
+    for name in ("unet", "text_encoder"):
+        component = getattr(pipeline, name)
+        state[name] = {
+            "keys": list(component.state_dict()),
+            "modules": [(module_name, id(module)) for module_name, module in component.named_modules()],
+            "requires_grad": [(id(param), param.requires_grad) for param in component.parameters()],
+            "adapters": list(getattr(component, "peft_config", None) or []),
+            "active": [list(m.active_adapters) for m in component.modules() if isinstance(m, SaRALayer)],
+            "has_peft_config": "peft_config" in vars(component),
+            "loaded_flag": vars(component).get("_hf_peft_config_loaded"),
+        }
+    return outputs, state
+
+
+def damage_text_encoder(output_dir, folder, damage: str):
+    """A copy of a training output whose unet/ adapter is good and whose text_encoder/ adapter is not."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(output_dir, folder)
+    weights_file = folder / "text_encoder" / "adapter_model.safetensors"
+    if damage == "truncated":
+        weights_file.write_bytes(weights_file.read_bytes()[:200])
+        return
+    saved = load_file(weights_file)
+    last = sorted({key.rsplit(".", 1)[0] for key in saved})[-1]  # a late layer: earlier ones fit
+    if damage == "wrong-shape":
+        saved[f"{last}.sara_values"] = saved[f"{last}.sara_values"][:-1]
+    elif damage == "positions-do-not-fit":
+        saved[f"{last}.sara_mask"] = saved[f"{last}.sara_mask"][:-4]
+    elif damage == "layer-missing":  # only found while injecting, after the UNet's adapter is in
+        del saved[f"{last}.sara_values"], saved[f"{last}.sara_mask"]
+    save_file(saved, weights_file)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong-shape", "positions-do-not-fit", "layer-missing"])
+def test_a_refused_load_leaves_every_component_as_it_was_and_a_retry_works(trained_output, tmp_path, damage):
+    output_dir, _ = trained_output
+    damage_text_encoder(output_dir, tmp_path / "damaged", damage)
+    pipeline = tiny_pipeline()
+    outputs, state = component_state(pipeline)
+    with pytest.raises(ValueError, match="text_encoder|encoder.layers"):
+        load_sara_weights(pipeline, str(tmp_path / "damaged"))
+    after_outputs, after_state = component_state(pipeline)
+    assert after_state == state
+    for name, output in outputs.items():
+        assert torch.equal(after_outputs[name], output), name
+    assert not any(isinstance(m, SaRALayer) for m in pipeline.unet.modules())
+    assert load_sara_weights(pipeline, str(output_dir)) == ["unet", "text_encoder"]  # the retry, repaired
+
+
+def test_a_refused_load_keeps_the_component_s_other_adapters(trained_output, tmp_path):
+    output_dir, _ = trained_output
+    damage_text_encoder(output_dir, tmp_path / "damaged", "layer-missing")
+    pipeline = tiny_pipeline()
+    load_sara_weights(pipeline, str(output_dir / "unet"), adapter_name="style")
+    load_sara_weights(pipeline, str(output_dir / "unet"), adapter_name="subject")
+    pipeline.unet.set_adapter("subject")
+    outputs, state = component_state(pipeline)
+    with pytest.raises(ValueError, match="no saved update"):
+        load_sara_weights(pipeline, str(tmp_path / "damaged"), adapter_name="other")
+    after_outputs, after_state = component_state(pipeline)
+    assert after_state == state and state["unet"]["adapters"] == ["style", "subject"]
+    assert state["unet"]["active"][0] == ["subject"]
+    for name, output in outputs.items():
+        assert torch.equal(after_outputs[name], output), name
+    assert all("other" not in layer.sara_values for layer in pipeline.unet.modules() if isinstance(layer, SaRALayer))
+
+
+def test_a_folder_without_its_weights_file_says_so(trained_output, tmp_path):
+    output_dir, _ = trained_output
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "adapter_config.json").write_bytes((output_dir / "unet" / "adapter_config.json").read_bytes())
+    with pytest.raises(ValueError, match=r"unet.*has adapter_config.json but no adapter_model.safetensors"):
+        load_sara_weights(tiny_pipeline(), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("peft_type", 5, "peft_type=5.*expected a PEFT method name such as 'SARA'"),
+        ("peft_type", "NOPE", "peft_type='NOPE'.*expected a PEFT method name such as 'SARA'"),
+        ("lambda_rank", "x", "lambda_rank must be a number >= 0.*got 'x'"),
+        ("lambda_rank", [1], r"lambda_rank must be a number >= 0.*got \[1\]"),
+    ],
+)
+def test_a_config_field_of_the_wrong_kind_gets_one_clear_error(trained_output, tmp_path, field, value, message):
+    import json
+    import shutil
+
+    output_dir, _ = trained_output
+    shutil.copytree(output_dir / "unet", tmp_path / "unet")
+    config = json.loads((tmp_path / "unet" / "adapter_config.json").read_text())
+    config[field] = value
+    (tmp_path / "unet" / "adapter_config.json").write_text(json.dumps(config))
+    pipeline = tiny_pipeline()
+    with pytest.raises(ValueError, match=message):
+        load_sara_weights(pipeline, str(tmp_path))
+    assert not any(isinstance(m, SaRALayer) for m in pipeline.unet.modules())
+
+
+def test_an_output_folder_mixing_two_saves_is_refused(tmp_path):
+    import shutil
+
+    from peft_sara.script_utils.output import save_adapters
+
+    trained = tiny_pipeline()
+    for component in (trained.unet, trained.text_encoder):
+        component.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+    components = {"unet": trained.unet, "text_encoder": trained.text_encoder}
+    save_adapters(str(tmp_path / "first"), components)
+    save_adapters(str(tmp_path / "second"), components)
+    shutil.copytree(tmp_path / "first", tmp_path / "mixed")  # as if a save had been killed after replacing unet/
+    shutil.rmtree(tmp_path / "mixed" / "unet")
+    shutil.copytree(tmp_path / "second" / "unet", tmp_path / "mixed" / "unet")
+    pipeline = tiny_pipeline()
+    with pytest.raises(ValueError, match="not one whole save \\(its components come from different saves\\)"):
+        load_sara_weights(pipeline, str(tmp_path / "mixed"))
+    shutil.rmtree(tmp_path / "first" / "text_encoder")  # killed after removing the old text_encoder/
+    with pytest.raises(ValueError, match="not one whole save \\(text_encoder missing\\)"):
+        load_sara_weights(pipeline, str(tmp_path / "first"))
+    assert not any(isinstance(module, SaRALayer) for module in pipeline.unet.modules())
+    assert load_sara_weights(pipeline, str(tmp_path / "first"), components=["unet"]) == ["unet"]
+    assert load_sara_weights(tiny_pipeline(), str(tmp_path / "second")) == ["unet", "text_encoder"]

@@ -379,3 +379,154 @@ def test_loading_into_a_model_in_training_keeps_the_optimizer_s_parameters(tmp_p
     before = [p.detach().clone() for p in trainable]
     optimizer.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, trainable))
+
+
+def damage_last_layer(folder, damage: str = "wrong-shape") -> None:
+    """Make the saved update of the model's last layer unfit; every earlier layer stays loadable."""
+    weights_file = folder / "adapter_model.safetensors"
+    saved = load_file(weights_file)
+    module_order = ["base_model.model." + name for name, _ in tiny_unet().named_modules()]
+    last = max({key.rsplit(".", 1)[0] for key in saved}, key=module_order.index)
+    if damage == "wrong-shape":
+        saved[f"{last}.sara_values"] = saved[f"{last}.sara_values"][:-1]
+    else:
+        saved[f"{last}.sara_values"] = saved[f"{last}.sara_values"].to(getattr(torch, damage))
+    save_file(saved, weights_file)
+
+
+@pytest.fixture
+def saved_unet_adapter(tmp_path):
+    model = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02, init_weights=False))
+    model.save_pretrained(tmp_path / "good")
+    model.save_pretrained(tmp_path / "damaged")
+    damage_last_layer(tmp_path / "damaged")
+    return tmp_path / "good", tmp_path / "damaged"
+
+
+def test_a_refused_from_pretrained_leaves_the_base_model_as_it_was(saved_unet_adapter):
+    good, damaged = saved_unet_adapter
+    base = tiny_unet().half()  # another dtype: the layers' selections differ from the saved ones and get resized
+    modules = [(name, id(module)) for name, module in base.named_modules()]
+    inputs = {key: value.half() if value.is_floating_point() else value for key, value in unet_inputs(base).items()}
+    with torch.no_grad():
+        expected = base(**inputs).sample
+    with pytest.raises(ValueError, match=r"does not fit conv_out.weight: \(140,\) values for 141"):
+        PeftModel.from_pretrained(base, damaged)
+    assert not sara_layers(base) and not hasattr(base, "peft_config")
+    assert [(name, id(module)) for name, module in base.named_modules()] == modules
+    with torch.no_grad():
+        assert torch.equal(base(**inputs).sample, expected)
+    assert len(sara_layers(PeftModel.from_pretrained(base, good))) == len(supported_modules(tiny_unet()))
+
+
+@pytest.mark.parametrize("made_by", ["get_peft_model", "from_pretrained"])
+def test_a_refused_state_dict_resizes_no_layer_and_keeps_the_adapter(saved_unet_adapter, made_by):
+    """As when a training run resumes from a damaged checkpoint: the adapter in training is kept as it was."""
+    from peft import set_peft_model_state_dict
+
+    good, damaged = saved_unet_adapter
+    unet = tiny_unet()
+    if made_by == "get_peft_model":  # other sizes than the saved ones: the layers would be resized
+        model = get_peft_model(unet, SaRAConfig(threshold=0.03, init_weights=False))
+    else:  # an adapter loaded once is not removed by a later refused load
+        model = PeftModel.from_pretrained(unet, good, is_trainable=True)
+    before = {
+        name: (layer.sara_indices["default"].clone(), layer.sara_values["default"].detach().clone())
+        for name, layer in model.named_modules()
+        if isinstance(layer, SaRALayer)
+    }
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    with pytest.raises(ValueError, match="does not fit"):
+        set_peft_model_state_dict(model, load_file(damaged / "adapter_model.safetensors"))
+    after = {name: layer for name, layer in model.named_modules() if isinstance(layer, SaRALayer)}
+    assert after.keys() == before.keys() and list(model.peft_config) == ["default"]
+    for name, (indices, values) in before.items():
+        assert torch.equal(after[name].sara_indices["default"], indices), name
+        assert torch.equal(after[name].sara_values["default"], values), name
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, expected)
+
+
+def test_a_refused_second_adapter_is_removed_and_the_first_keeps_working(saved_unet_adapter):
+    good, damaged = saved_unet_adapter
+    unet = tiny_unet()
+    model = PeftModel.from_pretrained(unet, good)
+    layers = [(name, id(layer)) for name, layer in model.named_modules() if isinstance(layer, SaRALayer)]
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        expected = model(**inputs).sample
+    with pytest.raises(ValueError, match="does not fit"):
+        model.load_adapter(damaged, adapter_name="second")
+    assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+    assert [(name, id(layer)) for name, layer in model.named_modules() if isinstance(layer, SaRALayer)] == layers
+    assert not any("second" in key for key in model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).sample, expected)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_values_saved_in_a_wrong_dtype_are_named(tmp_path, dtype):
+    model = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02, init_weights=False))
+    model.save_pretrained(tmp_path)
+    damage_last_layer(tmp_path, dtype)
+    with pytest.raises(ValueError, match=f"values must be floating point, got torch.{dtype}"):
+        PeftModel.from_pretrained(tiny_unet(), tmp_path)
+
+
+def nan_in_last_layer(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Put a NaN into the last SaRA layer's update; return every base tensor as it is now."""
+    sara_layers(model)[-1].sara_values["default"].data[0] = float("nan")
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items() if "sara_" not in name}
+
+
+@pytest.mark.parametrize("merge", ["merge_and_unload", "merge_adapter", "fuse_lora"])
+def test_safe_merge_checks_every_layer_before_merging_any(merge):
+    unet = tiny_unet()
+    if merge == "fuse_lora":
+        unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+        model = unet
+    else:
+        model = get_peft_model(unet, SaRAConfig(threshold=0.02, init_weights=False))
+    before = nan_in_last_layer(model)
+    count = len(sara_layers(model))
+    with pytest.raises(ValueError, match="NaNs detected"):
+        if merge == "fuse_lora":
+            unet.fuse_lora(safe_fusing=True)
+        elif merge == "merge_adapter":
+            model.merge_adapter(safe_merge=True)
+        else:
+            model.merge_and_unload(safe_merge=True)
+    assert len(sara_layers(model)) == count
+    assert not any(layer.merged for layer in sara_layers(model))
+    after = {name: tensor for name, tensor in model.state_dict().items() if "sara_" not in name}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
+def test_safe_merge_checks_the_peers_once_per_merge(monkeypatch):
+    checks = []
+    original = SaRALayer._check_merge_of_peers
+    monkeypatch.setattr(SaRALayer, "_check_merge_of_peers", lambda self, names: checks.append(original(self, names)))
+    model = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02, init_weights=False))
+    model.merge_adapter(safe_merge=True)
+    assert len(checks) == 1 and all(layer.merged for layer in sara_layers(model))
+    model.unmerge_adapter()
+    model.merge_adapter(safe_merge=True)
+    assert len(checks) == 2
+
+
+def test_a_copied_model_checks_its_own_layers(mlp):
+    import copy
+    import pickle
+
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, init_weights=False))
+    copied = copy.deepcopy(model)
+    before = nan_in_last_layer(copied)
+    with pytest.raises(ValueError, match="NaNs detected"):
+        copied.merge_adapter(safe_merge=True)
+    assert all(torch.equal(copied.state_dict()[name], tensor) for name, tensor in before.items())
+    model.merge_adapter(safe_merge=True)  # the original's layers are not the copy's
+    assert all(layer.merged for layer in sara_layers(model))
+    assert sara_layers(pickle.loads(pickle.dumps(model)))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import COMPONENTS_KEY, SAVE_ID_KEY
 from .cli import UserInputError, is_main_process
 
 try:
@@ -20,10 +21,6 @@ try:
 except ImportError:  # Windows: runs on one output folder are not kept apart
     fcntl = None
 
-# Written into every adapter file of one save, so that a loader can tell a folder whose components come from two
-# saves (a save killed half-way) from a whole one.
-SAVE_ID_KEY = "sara_save_id"
-COMPONENTS_KEY = "sara_components"
 LOCK_NAME = ".sara-run.lock"
 
 
