@@ -15,8 +15,9 @@ def test_configs_take_the_resolved_threshold_of_a_resumed_run():
     unet, text_encoder = sara_configs({**SETTINGS, "threshold": None, "target_fraction": 0.1})
     assert (unet.threshold, unet.target_fraction, unet.progressive_step) == (2e-3, 0.1, 2)
     assert text_encoder.target_fraction is None
-    unet, text_encoder = sara_configs({**SETTINGS, "target_fraction": 0.1, "unet_threshold": 0.0123})
-    assert (unet.threshold, unet.target_fraction, text_encoder.threshold) == (0.0123, None, 0.0123)
+    resumed = {**SETTINGS, "threshold": None, "target_fraction": 0.1, "unet_threshold": 0.0123}
+    unet, text_encoder = sara_configs(resumed)
+    assert (unet.threshold, unet.target_fraction, text_encoder.threshold) == (0.0123, None, 2e-3)  # as at the start
     _, text_encoder = sara_configs({**SETTINGS, "text_encoder_threshold": 0.5, "seed": 7})
     assert (text_encoder.threshold, text_encoder.rank_seed) == (0.5, 7)
 

@@ -145,7 +145,7 @@ def add_sara_arguments(parser: argparse.ArgumentParser) -> None:
         "--text_encoder_threshold",
         type=float,
         default=None,
-        help="θ for the text encoder with --train_text_encoder (default: the UNet's θ).",
+        help="θ for the text encoder with --train_text_encoder (default: --threshold; 2e-3 with --target_fraction).",
     )
 
 

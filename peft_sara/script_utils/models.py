@@ -52,24 +52,27 @@ def freeze(models: list[torch.nn.Module], device: torch.device, dtype: torch.dty
 
 
 def sara_configs(settings: dict[str, Any]) -> tuple[SaRAConfig, SaRAConfig]:
-    """SaRA configurations of the UNet and the text encoder from a run's settings (see `checkpoints.run_settings`):
-    the UNet's θ is the resolved one where the settings know it (a resumed run), else the threshold or fraction."""
+    """SaRA configurations of the UNet and the text encoder from a run's settings (see `checkpoints.run_settings`).
+
+    The UNet's θ is the resolved one where the settings know it (a resumed run), else `threshold` or
+    `target_fraction`. The text encoder's is `text_encoder_threshold`, else `threshold` (2e-3 by default): a share
+    resolved on the UNet's weights says nothing about the text encoder's, whose scale differs.
+    """
     shared = {
         "lambda_rank": settings["lambda_rank"],
         "progressive_step": settings["progressive_step"],
         "include_bias": settings["include_bias"],
         "rank_seed": settings["seed"] or 0,
     }
+    threshold = settings["threshold"] if settings["threshold"] is not None else SaRAConfig().threshold
     resolved = settings.get("unet_threshold")
     unet_config = SaRAConfig(
-        threshold=resolved if resolved is not None else settings["threshold"] or SaRAConfig().threshold,
+        threshold=resolved if resolved is not None else threshold,
         target_fraction=None if resolved is not None else settings["target_fraction"],
         **shared,
     )
     text_threshold = settings["text_encoder_threshold"]
-    text_config = SaRAConfig(
-        threshold=text_threshold if text_threshold is not None else unet_config.threshold, **shared
-    )
+    text_config = SaRAConfig(threshold=text_threshold if text_threshold is not None else threshold, **shared)
     return unet_config, text_config
 
 
