@@ -193,112 +193,108 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     with lock_output_dir(args.output_dir):  # a second run on the same folder is refused, not crashed into
-        return train_text_to_image(args)
+        checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+        accelerator = make_accelerator(
+            args.output_dir,
+            args.logging_dir,
+            args.gradient_accumulation_steps,
+            args.mixed_precision,
+            args.report_to,
+            args.seed,
+            args.allow_tf32,
+        )
+        weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 
+        # 1. Models: the frozen base, in the run's precision; the captioned images.
+        tokenizer, text_encoder, vae, unet, noise_scheduler = load_base_models(
+            args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, weight_dtype
+        )
+        freeze([vae, text_encoder, unet], accelerator.device, weight_dtype)
+        transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
+        dataset = CaptionedImages(load_examples(args), tokenizer, transform)
+        if args.cache_latents:
+            dataset = CachedLatents(dataset, vae, ("pixel_values",), accelerator.device, weight_dtype)
+        dataloader = make_dataloader(dataset, args.train_batch_size, collate, args.dataloader_num_workers, args.seed)
+        loop = LoopSettings.from_args(args, dataloader, accelerator.num_processes)
+        # what decides the result, written into every checkpoint; a resumed run takes the checkpoint's θ and steps
+        loop.run_settings = run_settings(args, accelerator.num_processes, loop.max_train_steps, checkpoint)
 
-def train_text_to_image(args: argparse.Namespace) -> Path:
-    checkpoint = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    accelerator = make_accelerator(
-        args.output_dir,
-        args.logging_dir,
-        args.gradient_accumulation_steps,
-        args.mixed_precision,
-        args.report_to,
-        args.seed,
-        args.allow_tf32,
-    )
-    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
-
-    # 1. Models: the frozen base, in the run's precision; the captioned images.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_base_models(
-        args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, weight_dtype
-    )
-    freeze([vae, text_encoder, unet], accelerator.device, weight_dtype)
-    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
-    dataset = CaptionedImages(load_examples(args), tokenizer, transform)
-    if args.cache_latents:
-        dataset = CachedLatents(dataset, vae, ("pixel_values",), accelerator.device, weight_dtype)
-    dataloader = make_dataloader(dataset, args.train_batch_size, collate, args.dataloader_num_workers, args.seed)
-    loop = LoopSettings.from_args(args, dataloader, accelerator.num_processes)
-    # what decides the result, written into every checkpoint; a resumed run takes the checkpoint's θ and steps
-    loop.run_settings = run_settings(args, accelerator.num_processes, loop.max_train_steps, checkpoint)
-
-    # New Code #
-    # 2. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.
-    unet_config, text_encoder_config = sara_configs(loop.run_settings)
-    add_sara_adapter(unet, unet_config, "UNet")
-    models = {"unet": unet}
-    if args.train_text_encoder:
-        add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
-        models["text_encoder"] = text_encoder
-    loop.run_settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
-    if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
-        load_checkpoint_adapters(models, checkpoint)
-    learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
-    # End of new code #
-
-    enable_memory_savings(
-        unet,
-        text_encoder,
-        args.gradient_checkpointing,
-        args.enable_xformers_memory_efficient_attention,
-        args.train_text_encoder,
-    )
-    models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
-        accelerator, models, dataloader, learning_rate, args, loop.max_train_steps
-    )
-    # New Code #
-    # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
-    training = peft_sara.attach(list(models.values()), optimizer)
-    register_checkpointing(accelerator, models, training)  # checkpoints hold the adapters, not the models
-    # End of new code #
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name or "sara-text-to-image", config=tracker_config(args))
-
-    validation = ValidationSettings.from_args(args)
-    text_encoder = models.get("text_encoder", text_encoder)
-    validate = in_training_validator(
-        accelerator, models, vae, text_encoder, tokenizer, noise_scheduler, validation, args.output_dir
-    )
-    denoising_loss = DenoisingLoss(
-        vae,
-        text_encoder,
-        models["unet"],
-        noise_scheduler,
-        weight_dtype,
-        args.noise_offset,
-        args.snr_gamma,
-        args.cache_latents,
-    )
-
-    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return denoising_loss(batch).mean()
-
-    # 3. Train, resuming from a checkpoint if asked.
-    global_step = train(
-        accelerator,
-        models,
-        params,
-        optimizer,
-        lr_scheduler,
-        dataloader,
-        batch_loss,
-        validate,
-        training,
-        loop,
-        checkpoint,
-    )
-
-    # 4. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
         # New Code #
-        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-        save_adapters(args.output_dir, unwrapped, base_model=args.pretrained_model_name_or_path)
+        # 2. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.
+        unet_config, text_encoder_config = sara_configs(loop.run_settings)
+        add_sara_adapter(unet, unet_config, "UNet")
+        models = {"unet": unet}
+        if args.train_text_encoder:
+            add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
+            models["text_encoder"] = text_encoder
+        loop.run_settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
+        if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
+            load_checkpoint_adapters(models, checkpoint)
+        learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
         # End of new code #
-        finish_output(accelerator, args, validation, global_step)
-    accelerator.end_training()
-    return Path(args.output_dir)
+
+        enable_memory_savings(
+            unet,
+            text_encoder,
+            args.gradient_checkpointing,
+            args.enable_xformers_memory_efficient_attention,
+            args.train_text_encoder,
+        )
+        models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
+            accelerator, models, dataloader, learning_rate, args, loop.max_train_steps
+        )
+        # New Code #
+        # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
+        training = peft_sara.attach(list(models.values()), optimizer)
+        register_checkpointing(accelerator, models, training)  # checkpoints hold the adapters, not the models
+        # End of new code #
+        if accelerator.is_main_process:
+            accelerator.init_trackers(args.tracker_project_name or "sara-text-to-image", config=tracker_config(args))
+
+        validation = ValidationSettings.from_args(args)
+        text_encoder = models.get("text_encoder", text_encoder)
+        validate = in_training_validator(
+            accelerator, models, vae, text_encoder, tokenizer, noise_scheduler, validation, args.output_dir
+        )
+        denoising_loss = DenoisingLoss(
+            vae,
+            text_encoder,
+            models["unet"],
+            noise_scheduler,
+            weight_dtype,
+            args.noise_offset,
+            args.snr_gamma,
+            args.cache_latents,
+        )
+
+        def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return denoising_loss(batch).mean()
+
+        # 3. Train, resuming from a checkpoint if asked.
+        global_step = train(
+            accelerator,
+            models,
+            params,
+            optimizer,
+            lr_scheduler,
+            dataloader,
+            batch_loss,
+            validate,
+            training,
+            loop,
+            checkpoint,
+        )
+
+        # 4. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            # New Code #
+            unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+            save_adapters(args.output_dir, unwrapped, base_model=args.pretrained_model_name_or_path)
+            # End of new code #
+            finish_output(accelerator, args, validation, global_step)
+        accelerator.end_training()
+        return Path(args.output_dir)
 
 
 if __name__ == "__main__":
