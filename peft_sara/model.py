@@ -19,6 +19,9 @@ SPARSE_UPDATES = (
     ("sara_indices", "sara_values", "weight", "sara_mask"),
     ("sara_bias_indices", "sara_bias_values", "bias", "sara_bias_mask"),
 )
+# Saved with each layer's update: the shape of the tensor it updates, so that an adapter describes itself and cannot
+# load onto a base whose layer of the same name has another shape (adapters saved before these keys still load).
+SHAPE_ATTRS = {"weight": "sara_shape", "bias": "sara_bias_shape"}
 BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
@@ -80,6 +83,7 @@ class _SavedUpdate(NamedTuple):
     index_key: str
     value_key: str
     mask_key: str | None
+    shape_key: str | None
     indices: torch.Tensor
     values: torch.Tensor
 
@@ -182,7 +186,8 @@ class SaRAModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Save each layer's positions as int32 positions or as a bitmask, whichever is smaller."""
+        """Save each layer's positions as int32 positions or as a bitmask, whichever is smaller, and the shape of the
+        tensor they index."""
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
@@ -191,7 +196,10 @@ class SaRAModel(BaseTuner):
                 index_key = f"{module_name}.{index_attr}.{adapter_name}"
                 if index_key not in state_dict:
                     continue
-                numel = getattr(module.get_base_layer(), tensor_name).numel()
+                base_tensor = getattr(module.get_base_layer(), tensor_name)
+                shape_key = f"{module_name}.{SHAPE_ATTRS[tensor_name]}.{adapter_name}"
+                state_dict[shape_key] = torch.tensor(base_tensor.shape, dtype=torch.int64)
+                numel = base_tensor.numel()
                 if math.ceil(numel / 8) < state_dict[index_key].nbytes:
                     positions = state_dict.pop(index_key)
                     state_dict[f"{module_name}.{mask_attr}.{adapter_name}"] = pack_positions(positions, numel)
@@ -219,8 +227,9 @@ class SaRAModel(BaseTuner):
         config._awaits_saved_weights = False
         for saved in fitted:
             index_attr, value_attr, tensor_name, _ = saved.update
-            if saved.mask_key is not None:
-                del state_dict[saved.mask_key]
+            for key in (saved.mask_key, saved.shape_key):
+                if key is not None:
+                    del state_dict[key]
             state_dict[saved.index_key], state_dict[saved.value_key] = saved.indices, saved.values.float()
             current_values = getattr(saved.module, value_attr)[adapter_name]
             if current_values.shape != saved.values.shape:
@@ -233,6 +242,14 @@ class SaRAModel(BaseTuner):
                     requires_grad=current_values.requires_grad,
                 )
         return state_dict
+
+    @classmethod
+    def _saved_key(
+        cls, state_dict: dict[str, torch.Tensor], module_name: str, attribute: str, adapter_name: str
+    ) -> str | None:
+        """The key under which a saved file holds a layer's extra tensor (saved without the adapter name), if any."""
+        key = cls._remove_adapter_name_from_key(f"{module_name}.{attribute}.{adapter_name}", adapter_name)
+        return next((k for k in (key, "base_model.model." + key) if k in state_dict), None)
 
     @classmethod
     def _match_saved_updates(
@@ -249,21 +266,25 @@ class SaRAModel(BaseTuner):
                     continue
                 index_key = f"{module_name}.{index_attr}.{adapter_name}"
                 value_key = f"{module_name}.{value_attr}.{adapter_name}"
-                mask_key = cls._remove_adapter_name_from_key(f"{module_name}.{mask_attr}.{adapter_name}", adapter_name)
-                mask_key = next((k for k in (mask_key, "base_model.model." + mask_key) if k in state_dict), None)
-                expected_keys.update(key for key in (index_key, value_key, mask_key) if key is not None)
+                mask_key, shape_key = (
+                    cls._saved_key(state_dict, module_name, attribute, adapter_name)
+                    for attribute in (mask_attr, SHAPE_ATTRS[tensor_name])
+                )
+                expected_keys.update(key for key in (index_key, value_key, mask_key, shape_key) if key is not None)
                 if (index_key not in state_dict and mask_key is None) or value_key not in state_dict:
                     missing.append(f"{module_name} ({tensor_name})")
                     continue
                 base_tensor = getattr(module.get_base_layer(), tensor_name)
                 name = f"{module_name.removeprefix('base_model.model.')}.{tensor_name}"
+                if shape_key is not None:
+                    _check_saved_shape(name, state_dict[shape_key], base_tensor)
                 if mask_key is not None:
                     indices = _unpack_saved_mask(name, state_dict[mask_key], base_tensor)
                 else:
                     indices = state_dict[index_key]
                 values = state_dict[value_key]
                 _check_saved_update(name, indices, values, base_tensor)
-                fitted.append(_SavedUpdate(module, update, index_key, value_key, mask_key, indices, values))
+                fitted.append(_SavedUpdate(module, update, index_key, value_key, mask_key, shape_key, indices, values))
         unexpected = sorted(key for key in state_dict if f".{cls.prefix}" in key and key not in expected_keys)
         if missing or unexpected:
             problems = []
@@ -288,8 +309,8 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
     for key, tensor in state_dict.items():
         module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
         for update in SPARSE_UPDATES:
-            index_attr, value_attr, _, mask_attr = update
-            if attribute in (index_attr, value_attr, mask_attr):
+            index_attr, value_attr, tensor_name, mask_attr = update
+            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name]):
                 saved.setdefault((module_name, update), {})[attribute] = tensor
     for (module_name, (index_attr, value_attr, tensor_name, mask_attr)), tensors in saved.items():
         name = f"{module_name}.{tensor_name}"
@@ -305,6 +326,8 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
                 "nn.Linear or nn.Conv2d here. Load it onto the base model it was trained on (same architecture and "
                 "module names)."
             )
+        if SHAPE_ATTRS[tensor_name] in tensors:
+            _check_saved_shape(name, tensors[SHAPE_ATTRS[tensor_name]], base_tensor)
         if value_attr not in tensors or (index_attr not in tensors and mask_attr not in tensors):
             lacking = "values" if value_attr not in tensors else "positions"
             raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
@@ -330,6 +353,15 @@ def remove_sara_adapter(model: nn.Module, adapter_name: str) -> None:
         configs.pop(adapter_name, None)
         if not configs:
             del base.peft_config
+
+
+def _check_saved_shape(name: str, shape: torch.Tensor, base_tensor: torch.Tensor) -> None:
+    saved = tuple(int(size) for size in shape.reshape(-1).tolist())
+    if saved != tuple(base_tensor.shape):
+        raise ValueError(
+            f"The SaRA adapter was trained on another base model: it updates {name} of shape {saved}, which has shape "
+            f"{tuple(base_tensor.shape)} here. Load it onto the base model it was trained on."
+        )
 
 
 def _unpack_saved_mask(name: str, mask: torch.Tensor, base_tensor: torch.Tensor) -> torch.Tensor:

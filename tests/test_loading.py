@@ -143,7 +143,7 @@ def damage_text_encoder(output_dir, folder, damage: str):
     elif damage == "positions-do-not-fit":
         saved[f"{last}.sara_mask"] = saved[f"{last}.sara_mask"][:-4]
     elif damage == "layer-missing":  # only found while injecting, after the UNet's adapter is in
-        del saved[f"{last}.sara_values"], saved[f"{last}.sara_mask"]
+        del saved[f"{last}.sara_values"], saved[f"{last}.sara_mask"], saved[f"{last}.sara_shape"]
     save_file(saved, weights_file)
 
 

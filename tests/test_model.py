@@ -214,6 +214,9 @@ def test_mismatched_base_and_damaged_files_are_refused(tmp_path, mlp):
             super().__init__()
             self.lin1 = nn.Linear(32, 2)
 
+    with pytest.raises(ValueError, match=r"updates lin1.weight of shape \(4, 32\), which has shape \(2, 32\) here"):
+        PeftModel.from_pretrained(Wider(), tmp_path)
+    save_file({key: value for key, value in saved.items() if "_shape" not in key}, weights_file)  # a 0.1.0 file
     with pytest.raises(ValueError, match="does not fit lin1.weight: its position mask covers 128 entries, not 64"):
         PeftModel.from_pretrained(Wider(), tmp_path)
 
@@ -530,3 +533,40 @@ def test_a_copied_model_checks_its_own_layers(mlp):
     model.merge_adapter(safe_merge=True)  # the original's layers are not the copy's
     assert all(layer.merged for layer in sara_layers(model))
     assert sara_layers(pickle.loads(pickle.dumps(model)))
+
+
+def _unet_with_cross_attention_dim(dim: int) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    config = dict(tiny_unet().config)
+    config["cross_attention_dim"] = dim
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(config)
+
+
+def test_an_adapter_never_loads_onto_a_base_of_other_shapes(tmp_path):
+    """to_k/to_v of a cross_attention_dim=64 UNet are larger than a 32 one's: int32 positions would fit them."""
+    trained = get_peft_model(tiny_unet(), SaRAConfig(threshold=1e-3, init_weights=False))  # sparse: int32 positions
+    trained.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(key.endswith("to_k.sara_indices") for key in saved), "the case needs positions saved as integers"
+    other = _unet_with_cross_attention_dim(64)
+    inputs = unet_inputs(other)
+    inputs["encoder_hidden_states"] = torch.randn(2, 4, 64)
+    before = other(**inputs).sample
+    message = (
+        r"trained on another base model: it updates .*attn2\.to_k\.weight of shape \(16, 32\), "
+        r"which has shape \(16, 64\)"
+    )
+    for low_cpu_mem_usage in (False, True):
+        with pytest.raises(ValueError, match=message):
+            PeftModel.from_pretrained(other, tmp_path / "adapter", low_cpu_mem_usage=low_cpu_mem_usage)
+        assert not any(isinstance(module, SaRALayer) for module in other.modules())
+    torch.testing.assert_close(other(**inputs).sample, before, rtol=0, atol=0)
+    # adapters written before shapes were stored still load, with the other checks
+    save_file({key: value for key, value in saved.items() if "_shape" not in key}, tmp_path / "adapter" / "old.st")
+    (tmp_path / "adapter" / "old.st").replace(tmp_path / "adapter" / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(tiny_unet(), tmp_path / "adapter")
+    torch.testing.assert_close(
+        loaded(**unet_inputs(loaded)).sample, trained(**unet_inputs(trained)).sample, rtol=0, atol=0
+    )
