@@ -221,9 +221,12 @@ class SaRALayer(BaseTunerLayer):
         self.model_reference = ModelReference()
         self._checked_for_merge: list[str] | None = None  # adapters a peer's safe merge has checked for this layer
         base_layer = self.get_base_layer()
-        for attribute in ("in_features", "out_features", "in_channels", "out_channels"):
+        for attribute in ("in_channels", "out_channels"):
             if hasattr(base_layer, attribute):
                 setattr(self, attribute, getattr(base_layer, attribute))
+        # every PEFT layer exposes in_features/out_features; a convolution's are its channels, as in PEFT's LoRA
+        self.in_features = getattr(base_layer, "in_features", getattr(base_layer, "in_channels", None))
+        self.out_features = getattr(base_layer, "out_features", getattr(base_layer, "out_channels", None))
 
     def update_layer(self, adapter_name: str, config: SaRAConfig) -> None:
         """Select the trainable entries of this layer for `adapter_name` and create their zero update."""

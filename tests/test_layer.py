@@ -250,3 +250,11 @@ def test_base_weight_is_restored_when_the_op_fails():
     with pytest.raises(RuntimeError):
         layer(torch.randn(3, 7))  # wrong input width
     assert torch.equal(base.weight, original)
+
+
+def test_every_layer_exposes_in_and_out_features():
+    model = get_peft_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 5)), SaRAConfig(threshold=0.5))
+    conv, linear = model.base_model.model[0], model.base_model.model[2]
+    assert isinstance(conv, Conv2d) and (conv.in_features, conv.out_features) == (3, 8)
+    assert (conv.in_channels, conv.out_channels) == (3, 8)
+    assert isinstance(linear, Linear) and (linear.in_features, linear.out_features) == (8, 5)
