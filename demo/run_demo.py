@@ -19,6 +19,7 @@ import codecs
 import collections
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,7 @@ def main(argv=None) -> Path:
         sys.exit(f"error: no base pipeline in {base_dir}; build it with: make demo-base")
     start = time.time()
     draw_subject(output_dir / "data" / "sks-circle", count=5)
+    shutil.rmtree(output_dir / "sks-circle-sara", ignore_errors=True)  # a new run: the last demo's adapter goes
     run_training_script(
         [
             "--config",

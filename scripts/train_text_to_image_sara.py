@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 import peft_sara
 from peft_sara.script_utils.arguments import (
+    ArgumentParser,
     add_model_and_output_arguments,
     add_sara_arguments,
     add_training_arguments,
@@ -66,7 +67,7 @@ logger = get_logger(__name__)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Text-to-image fine-tuning of Stable Diffusion with SaRA.")
+    parser = ArgumentParser(description="Text-to-image fine-tuning of Stable Diffusion with SaRA.")
     add_model_and_output_arguments(parser, default_output_dir="sara-text-to-image-model")
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -217,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         dataloader = make_dataloader(dataset, args.train_batch_size, collate, args.dataloader_num_workers, args.seed)
         loop = LoopSettings.from_args(args, dataloader, accelerator.num_processes)
         # what decides the result, written into every checkpoint; a resumed run takes the checkpoint's θ and steps
-        loop.run_settings = run_settings(args, accelerator.num_processes, loop.max_train_steps, checkpoint)
+        loop.run_settings = run_settings(args, accelerator, loop.max_train_steps, checkpoint)
 
         # New Code #
         # 2. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.

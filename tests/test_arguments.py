@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from peft_sara.script_utils.arguments import (
+    ArgumentParser,
     add_model_and_output_arguments,
     add_sara_arguments,
     add_training_arguments,
@@ -18,7 +19,7 @@ from peft_sara.script_utils.cli import UserInputError
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser(prog="train.py")
     add_model_and_output_arguments(parser, default_output_dir="out")
     add_sara_arguments(parser)
     add_training_arguments(parser)
@@ -58,9 +59,11 @@ def test_config_values_of_the_wrong_kind_are_refused(tmp_path, yaml_text, messag
         parse(tmp_path, yaml_text)
 
 
-def test_unknown_lr_scheduler_on_the_command_line_is_refused():
-    with pytest.raises(SystemExit):
+def test_command_line_errors_are_one_line():
+    with pytest.raises(UserInputError, match=r"argument --lr_scheduler: invalid choice: 'cosin' .*train.py --help"):
         parse_args_with_config(make_parser(), ["--lr_scheduler", "cosin"])
+    with pytest.raises(UserInputError, match="argument --seed: invalid int value: 'x'"):
+        parse_args_with_config(make_parser(), ["--seed", "x"])
 
 
 def test_tracker_config_keeps_scalars_and_never_the_token():

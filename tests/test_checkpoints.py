@@ -143,3 +143,17 @@ def test_a_checkpoint_that_fails_to_load_names_itself(tmp_path, accelerator):
     state.write_bytes(b"\0" * state.stat().st_size)  # same size, so the manifest cannot tell: loading does
     with pytest.raises(UserInputError, match=r"checkpoint-3 is damaged \(.*\); resume from an older one"):
         load_checkpoint(accelerator, folder)
+
+
+def test_a_progressive_step_after_the_last_step_is_named(caplog):
+    import argparse
+
+    from peft_sara.script_utils.checkpoints import run_settings
+
+    flags = {key: value for key, value in SETTINGS.items() if key not in ("num_processes", "mixed_precision")}
+    args = argparse.Namespace(**{**flags, "progressive_step": 2500, "no_progressive": False}, explicit=set())
+    accelerator = argparse.Namespace(num_processes=1, mixed_precision="no")
+    with caplog.at_level(logging.WARNING):
+        settings = run_settings(args, accelerator, max_train_steps=100)
+    assert settings["progressive_step"] == 2500 and settings["mixed_precision"] == "no"
+    assert "The progressive step (2500) comes after the run's last step (100)" in caplog.text

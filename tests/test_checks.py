@@ -86,3 +86,11 @@ def test_output_dir_must_be_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserInputError, match="not writable"):
         _check_output_dir_writable(str(tmp_path / "file" / "out"))
+
+
+def test_resume_names_a_checkpoint_in_the_output_dir_and_a_new_run_never_starts_among_old_checkpoints(tmp_path):
+    (tmp_path / "out" / "checkpoint-6").mkdir(parents=True)
+    checked(tmp_path, "--resume_from_checkpoint", "checkpoint-6")  # relative to --output_dir, as in diffusers
+    checked(tmp_path, "--resume_from_checkpoint", "latest")
+    with pytest.raises(UserInputError, match="holds the checkpoints of an earlier run \\(checkpoint-6\\)"):
+        checked(tmp_path)

@@ -30,3 +30,13 @@ def test_logs_come_from_the_main_process_only_also_before_accelerate_exists(monk
     logger.warning("from a single process")
     assert [record.message for record in caplog.records] == ["from the main process", "from a single process"]
     assert get_logger("peft_sara.tests.cli").filters == logger.filters  # one filter, however often it is asked for
+
+
+def test_only_the_main_process_prints_the_error_line(monkeypatch, capsys):
+    def main(argv):
+        raise UserInputError("bad flag")
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        run_main(main)
+    assert stop.value.code == 2 and capsys.readouterr().err == ""

@@ -79,3 +79,45 @@ def test_training_stops_before_a_non_finite_step(tmp_path, poison):
         )
     assert training.step == 2  # the bad step never reached the optimizer
     assert all(torch.isfinite(param).all() for param in params)
+
+
+def test_a_resumed_run_trains_at_its_own_learning_rate(tmp_path):
+    from peft_sara.script_utils.checkpoints import save_checkpoint
+
+    def run(learning_rate: float):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        data = torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=2)
+        return accelerator, *accelerator.prepare(model, optimizer, data, scheduler)
+
+    accelerator, model, optimizer, data, scheduler = run(1e-2)
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    checkpoint = save_checkpoint(accelerator, str(tmp_path), 2, total_limit=None, run_settings={})
+    accelerator, model, optimizer, data, scheduler = run(1e-5)
+    settings = LoopSettings(2, 4, 2, 1, 1.0, str(tmp_path), 100, None, None, 100)
+    train(
+        accelerator,
+        {"model": model},
+        list(model.parameters()),
+        optimizer,
+        scheduler,
+        data,
+        lambda batch: model(batch).mean(),
+        lambda step: None,
+        peft_sara_free_training(),
+        settings,
+        checkpoint,
+    )
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 / 3)  # step 2 of the schedule, at 1e-5
+
+
+def peft_sara_free_training():
+    """The loop reads only `rank_loss` of SaRA's training state."""
+    return argparse.Namespace(rank_loss=0.0)

@@ -75,3 +75,10 @@ def test_model_card_for_text_to_image_and_dreambooth(tmp_path):
     text = write_model_card(str(tmp_path), "me/dog", str(tmp_path), [], True, instance_prompt="sks dog").read_text()
     assert "- dreambooth" in text and 'instance_prompt: "sks dog"' in text and "text_encoder/" in text
     assert "https://huggingface.co/" + str(tmp_path) not in text  # a local base is not linked to the Hub
+
+
+def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserInputError, match="is not writable"):
+        with lock_output_dir(str(tmp_path / "file" / "out")):
+            pass

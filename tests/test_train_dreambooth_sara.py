@@ -239,7 +239,7 @@ def test_a_resume_trains_the_checkpoints_selection_or_refuses(dreambooth_args, t
     load_script("train_dreambooth_sara").main(
         args + ["--mixed_precision", "bf16", "--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
     )
-    assert "mixed_precision None -> bf16" in caplog.text
+    assert "mixed_precision no -> bf16" in caplog.text
     final = load_file(tmp_path / "out" / "unet" / "adapter_model.safetensors")
     assert final.keys() == checkpoint.keys()
     values = [key for key in final if "sara_values" in key]

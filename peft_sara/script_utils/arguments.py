@@ -16,6 +16,14 @@ INTERPOLATION_MODES = ("bilinear", "bicubic", "lanczos", "nearest", "box", "hamm
 DEFAULT_THRESHOLD = SaRAConfig().threshold
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors (an unknown choice, a missing value) are one `error: ...` line, like every other
+    bad input of the scripts, instead of the usage text followed by the error."""
+
+    def error(self, message: str):
+        raise UserInputError(f"{message} (see {self.prog} --help)")
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse `argv`, with defaults taken from the YAML file named by `--config` (the command line wins).
 

@@ -62,13 +62,21 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def resolve_checkpoint_path(resume_from: str, output_dir: str) -> Path:
+    """A checkpoint named on the command line: a folder as given, or by its name inside the output folder (as
+    diffusers' scripts read it)."""
+    given = Path(resume_from)
+    inside = Path(output_dir) / given.name
+    return inside if not given.is_dir() and inside.is_dir() else given
+
+
 def find_resume_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
     """The checkpoint to resume from: a given folder, or with 'latest' the newest complete one (an older one when
     the newest is damaged, saying so). A damaged folder that was asked for by name is refused."""
     if not resume_from:
         return None
     if resume_from != "latest":
-        folder = Path(resume_from)
+        folder = resolve_checkpoint_path(resume_from, output_dir)
         problem = checkpoint_problem(folder)
         if problem:
             older = [path for path in checkpoint_folders(str(folder.parent)) if path != folder]
@@ -230,7 +238,7 @@ def compare_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> None
         )
 
 
-def run_settings(args, num_processes: int, max_train_steps: int, checkpoint: Path | None = None) -> dict[str, Any]:
+def run_settings(args, accelerator, max_train_steps: int, checkpoint: Path | None = None) -> dict[str, Any]:
     """What a run asks for that decides its result: written into every checkpoint, compared on resume. A resumed run
     takes the checkpoint's θ and progressive step (see `resume_settings`). The UNet's resolved θ (`unet_threshold`)
     is added once the adapter exists."""
@@ -240,6 +248,12 @@ def run_settings(args, num_processes: int, max_train_steps: int, checkpoint: Pat
         progressive_step = args.progressive_step
     else:
         progressive_step = max(1, max_train_steps // 2)  # the paper's: half of the run
+    if progressive_step is not None and progressive_step > max_train_steps and checkpoint is None:
+        logger.warning(
+            "The progressive step (%d) comes after the run's last step (%d): it will not happen in this run.",
+            progressive_step,
+            max_train_steps,
+        )
     settings = {
         "threshold": args.threshold,
         "target_fraction": args.target_fraction,
@@ -249,10 +263,10 @@ def run_settings(args, num_processes: int, max_train_steps: int, checkpoint: Pat
         "lambda_rank": args.lambda_rank,
         "progressive_step": progressive_step,
         "seed": args.seed,
-        "num_processes": num_processes,
+        "num_processes": accelerator.num_processes,
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "mixed_precision": args.mixed_precision,
+        "mixed_precision": accelerator.mixed_precision,
         "max_train_steps": max_train_steps,
     }
     if checkpoint is None:

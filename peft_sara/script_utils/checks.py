@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import SaRAConfig
 from .arguments import DEFAULT_THRESHOLD
-from .checkpoints import parse_checkpoint_name
+from .checkpoints import checkpoint_folders, parse_checkpoint_name, resolve_checkpoint_path
 from .cli import UserInputError
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
@@ -43,13 +43,7 @@ def check_common_arguments(args: argparse.Namespace) -> None:
     _check_numbers(args)
     _check_sara_flags(args)
     _check_output_dir_writable(args.output_dir)
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        resume_from = Path(args.resume_from_checkpoint)
-        if not resume_from.is_dir() or parse_checkpoint_name(resume_from.name) is None:
-            raise UserInputError(
-                f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder (expected "
-                "checkpoint-<step> under the output folder, or 'latest')."
-            )
+    _check_resume(args.resume_from_checkpoint, args.output_dir)
     check_trackers(args.report_to)
     _check_installed(args.use_8bit_adam, "bitsandbytes", "--use_8bit_adam")
     _check_installed(
@@ -58,6 +52,23 @@ def check_common_arguments(args: argparse.Namespace) -> None:
     if args.push_to_hub and args.hub_token is not None and args.report_to in ("wandb", "all"):
         raise UserInputError(
             "Do not combine --report_to=wandb with --hub_token: the token would be logged. Use `hf auth login`."
+        )
+
+
+def _check_resume(resume_from: str | None, output_dir: str) -> None:
+    """A named checkpoint must exist; a new run must not start in a folder holding another run's checkpoints, which
+    a later `--resume_from_checkpoint latest` would take for its own."""
+    if resume_from and resume_from != "latest":
+        folder = resolve_checkpoint_path(resume_from, output_dir)
+        if not folder.is_dir() or parse_checkpoint_name(folder.name) is None:
+            raise UserInputError(
+                f"--resume_from_checkpoint {resume_from}: no such checkpoint folder (expected checkpoint-<step>, in "
+                f"--output_dir {output_dir} or as a path, or 'latest')."
+            )
+    elif not resume_from and Path(output_dir).is_dir() and (existing := checkpoint_folders(output_dir)):
+        raise UserInputError(
+            f"--output_dir {output_dir} holds the checkpoints of an earlier run ({existing[-1].name}): continue it "
+            "with --resume_from_checkpoint latest, or start this run in another folder (or remove them)."
         )
 
 

@@ -14,11 +14,13 @@ class UserInputError(ValueError):
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any]) -> None:
-    """Run a script's main(), turning a user error into one `error: ...` line on stderr and exit status 2."""
+    """Run a script's main(), turning a user error into one `error: ...` line on stderr (from the main process only,
+    in a multi-process run) and exit status 2."""
     try:
         main(None)
     except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

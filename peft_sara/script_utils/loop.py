@@ -76,6 +76,20 @@ def log_run_start(
     logger.info(f"  Trainable SaRA values = {num_trainable:,}, learning rate = {lr:.4g}")
 
 
+def _keep_learning_rates(lr_scheduler, base_lrs: list[float]) -> None:
+    """A resumed run trains at this run's learning rate: loading the schedule's state would bring back the one the
+    checkpoint was trained with (so that lowering it after a divergence would change nothing)."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    if list(scheduler.base_lrs) == base_lrs or not hasattr(scheduler, "lr_lambdas"):
+        return
+    logger.warning("Learning rate %s from now on (the checkpoint's: %s).", base_lrs[0], scheduler.base_lrs[0])
+    scheduler.base_lrs = list(base_lrs)
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, base, rate in zip(scheduler.optimizer.param_groups, base_lrs, rates):
+        group["initial_lr"], group["lr"] = base, rate
+    scheduler._last_lr = rates
+
+
 def _stop_if_not_finite(accelerator, loss_finite: bool, grad_norm, step: int, output_dir: str) -> None:
     """Stop before the optimizer step that would write NaN or inf into the adapters, on every process at once (the
     flags are reduced, so no process waits for another that stopped). A skipped fp16 step is not a divergence: the
@@ -86,8 +100,9 @@ def _stop_if_not_finite(accelerator, loss_finite: bool, grad_norm, step: int, ou
     if bad_loss or bad_gradient:
         what = "loss" if bad_loss else "gradient norm"
         raise UserInputError(
-            f"Training diverged at step {step + 1}: the {what} is not finite. Nothing was saved from this step on; "
-            f"lower --learning_rate, or resume from the last checkpoint in {output_dir} with a smaller one."
+            f"Training diverged at step {step + 1}: the {what} is not finite, and nothing of this step was saved. "
+            f"Start again with a lower --learning_rate, or resume an earlier checkpoint in {output_dir} with one "
+            "(the last checkpoints before a divergence may already hold values far off)."
         )
 
 
@@ -110,7 +125,11 @@ def train(
     num_trainable = sum(param.numel() for param in params)
     lr = optimizer.param_groups[0]["lr"]
     log_run_start(len(dataloader.dataset), accelerator.num_processes, settings, num_trainable, lr)
-    global_step = load_checkpoint(accelerator, checkpoint) if checkpoint is not None else 0
+    global_step = 0
+    if checkpoint is not None:
+        base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        global_step = load_checkpoint(accelerator, checkpoint)
+        _keep_learning_rates(lr_scheduler, base_lrs)
     first_epoch, updates_into_epoch = divmod(global_step, settings.updates_per_epoch)
     batches_to_skip = updates_into_epoch * settings.gradient_accumulation_steps
     progress = tqdm(

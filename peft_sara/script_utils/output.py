@@ -31,8 +31,12 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
     if fcntl is None or not is_main_process():
         yield
         return
-    os.makedirs(output_dir, exist_ok=True)
-    with open(Path(output_dir) / LOCK_NAME, "a+", encoding="utf-8") as handle:
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle = open(Path(output_dir) / LOCK_NAME, "a+", encoding="utf-8")
+    except OSError as error:
+        raise UserInputError(f"--output_dir {output_dir} is not writable: {error.strerror}.") from error
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
