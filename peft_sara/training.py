@@ -25,6 +25,30 @@ def paper_learning_rate(threshold: float) -> float:
     return 1e-3 * math.exp(-350 * threshold)
 
 
+def polar_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U Vᵀ of a matrix's thin SVD (the subgradient of its nuclear norm) and the nuclear norm Σσ.
+
+    For a matrix at least twice as long as it is wide, from the eigen-decomposition of its smaller Gram matrix, in fp64
+    so that small singular values keep their accuracy (1e-6 from the SVD's U Vᵀ): for SD's 1280×5120 weights 0.8 s
+    instead of 2.3 s on a 2-core CPU. Directions of (numerically) zero singular values then get no subgradient, one of
+    the valid choices. A near-square matrix gains nothing from its Gram matrix and takes the SVD.
+    """
+    rows, columns = matrix.shape
+    if max(rows, columns) < 2 * min(rows, columns):
+        u, singular_values, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u @ vh, singular_values.sum()
+    wide = rows < columns
+    exact = matrix.double()
+    gram = exact @ exact.T if wide else exact.T @ exact
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    keep = eigenvalues > eigenvalues.max().clamp(min=0) * gram.shape[0] * torch.finfo(torch.float64).eps
+    singular_values = eigenvalues.clamp(min=0).sqrt()
+    inverse = torch.where(keep, 1 / singular_values, torch.zeros_like(singular_values))
+    projector = ((eigenvectors * inverse) @ eigenvectors.T).to(matrix.dtype)  # Q Λ^(-1/2) Qᵀ
+    polar = projector @ matrix if wide else matrix @ projector
+    return polar, singular_values[keep].sum().to(matrix.dtype)
+
+
 @dataclass
 class _TrainedUpdate:
     """One adapter's trainable update in one layer."""
@@ -122,12 +146,12 @@ class SaRATraining:
         """
         masked = torch.zeros(update.base_weight.shape, dtype=torch.float32, device=update.values.device)
         masked.view(-1).index_add_(0, update.indices, update.effective_values())
-        u, singular_values, vh = torch.linalg.svd(masked, full_matrices=False)
-        subgradient = (u @ vh).view(-1).index_select(0, update.indices)
+        polar, nuclear_norm = polar_factor(masked)
+        subgradient = polar.view(-1).index_select(0, update.indices)
         subgradient.mul_(weight * update.layer.sara_scaling[update.adapter])
         values = update.values
         values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
-        return weight * singular_values.sum()
+        return weight * nuclear_norm
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self.step += 1

@@ -213,3 +213,22 @@ def test_two_processes_end_with_identical_adapters(tmp_path):
 def test_package_exports_the_public_api():
     for name in ("SaRAConfig", "SaRAModel", "attach", "paper_learning_rate", "load_sara_weights"):
         assert hasattr(peft_sara, name)
+
+
+@pytest.mark.parametrize("shape", [(96, 400), (400, 96), (128, 128), (64, 200)])
+def test_polar_factor_agrees_with_the_svd(shape):
+    from peft_sara.training import polar_factor
+
+    torch.manual_seed(0)
+    weight = torch.randn(*shape) * 0.02
+    masked = weight * (weight.abs() < 2e-3)  # SaRA's masked matrix: sparse, full rank
+    u, singular_values, vh = torch.linalg.svd(masked, full_matrices=False)
+    polar, nuclear_norm = polar_factor(masked)
+    torch.testing.assert_close(polar, u @ vh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nuclear_norm, singular_values.sum(), atol=0, rtol=1e-5)
+    if shape[0] != shape[1]:  # a rank-2 matrix: the Gram path gives its null directions no subgradient
+        low_rank = torch.outer(masked[:, 0], masked[0, :]) + torch.outer(masked[:, 1], masked[1, :])
+        polar, nuclear_norm = polar_factor(low_rank)
+        u, singular_values, vh = torch.linalg.svd(low_rank, full_matrices=False)
+        torch.testing.assert_close(polar, u[:, :2] @ vh[:2], atol=1e-4, rtol=0)
+        torch.testing.assert_close(nuclear_norm, singular_values.sum(), atol=0, rtol=1e-4)
