@@ -49,7 +49,7 @@ def test_components_of_one_save_share_its_id_and_replace_the_old_folders(tmp_pat
 def test_non_finite_values_are_never_saved(tmp_path):
     good, bad = adapted_unets(2)
     next(param for name, param in bad.named_parameters() if "sara_values" in name).data[0] = float("nan")
-    with pytest.raises(UserInputError, match="text_encoder adapter holds non-finite values"):
+    with pytest.raises(UserInputError, match="text_encoder adapter holds values that are not finite"):
         save_adapters(str(tmp_path), {"unet": good, "text_encoder": bad})
     assert list(tmp_path.iterdir()) == []  # not even the good component
 
@@ -82,3 +82,16 @@ def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):
     with pytest.raises(UserInputError, match="is not writable"):
         with lock_output_dir(str(tmp_path / "file" / "out")):
             pass
+
+
+def test_values_are_saved_in_the_precision_asked_for(tmp_path):
+    from safetensors.torch import load_file
+
+    (unet,) = adapted_unets(1)
+    save_adapters(str(tmp_path), {"unet": unet}, dtype=torch.bfloat16)
+    saved = load_file(tmp_path / "unet" / "adapter_model.safetensors")
+    assert {tensor.dtype for key, tensor in saved.items() if "sara_values" in key} == {torch.bfloat16}
+    assert all(not tensor.is_floating_point() for key, tensor in saved.items() if "sara_values" not in key)
+    next(param for name, param in unet.named_parameters() if "sara_values" in name).data[0] = 1e6  # > fp16's range
+    with pytest.raises(UserInputError, match="not finite in torch.float16"):
+        save_adapters(str(tmp_path / "half"), {"unet": unet}, dtype=torch.float16)

@@ -97,7 +97,11 @@ def test_trains_on_a_captioned_folder_and_pushes_without_checkpoints(text_to_ima
 
 def test_push_without_a_validation_prompt(text_to_image_args, monkeypatch):
     uploads = fake_hub(monkeypatch)
-    load_script("train_text_to_image_sara").main(text_to_image_args + ["--push_to_hub"])
+    output = load_script("train_text_to_image_sara").main(
+        text_to_image_args + ["--push_to_hub", "--save_precision", "bf16"]
+    )
+    saved = load_file(output / "unet" / "adapter_model.safetensors")
+    assert {tensor.dtype for key, tensor in saved.items() if "sara_values" in key} == {torch.bfloat16}
     [(_, files)] = uploads
     assert "unet/adapter_model.safetensors" in files and not any(name.startswith("validation/") for name in files)
 

@@ -116,6 +116,13 @@ def add_model_and_output_arguments(parser: argparse.ArgumentParser, default_outp
         help="Where the adapters, checkpoints, images and model card are written.",
     )
     group.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    group.add_argument(
+        "--save_precision",
+        type=str,
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="Precision of the saved adapter values (bf16: half the file; checkpoints keep fp32).",
+    )
     group.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
 
 

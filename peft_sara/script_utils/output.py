@@ -54,12 +54,21 @@ def lock_output_dir(output_dir: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def save_adapters(output_dir: str, components: dict[str, torch.nn.Module], base_model: str | None = None) -> None:
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_adapters(
+    output_dir: str,
+    components: dict[str, torch.nn.Module],
+    base_model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
     """Write each component's SaRA adapter as a standard PEFT adapter folder output_dir/<component>/.
 
     The keys carry PEFT's `base_model.model.` prefix, as `PeftModel.save_pretrained` writes them, so the folder loads
     with `PeftModel.from_pretrained` as well as into a plain diffusers or transformers model. Nothing is written when
-    a value is not finite. Each folder is written beside its final name and then renamed into place.
+    a value is not finite (also after the cast to `dtype`, the values' precision on disk: they load back as fp32).
+    Each folder is written beside its final name and then renamed into place.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -67,11 +76,17 @@ def save_adapters(output_dir: str, components: dict[str, torch.nn.Module], base_
     state_dicts = {}
     for name, model in components.items():
         state_dict = {
-            f"base_model.model.{key}": tensor.detach().contiguous().cpu()
+            f"base_model.model.{key}": tensor.detach()
+            .to(dtype if tensor.is_floating_point() else tensor.dtype)
+            .contiguous()
+            .cpu()
             for key, tensor in get_peft_model_state_dict(model, save_embedding_layers=False).items()
         }
         if not all(torch.isfinite(tensor).all() for tensor in state_dict.values() if tensor.is_floating_point()):
-            raise UserInputError(f"The {name} adapter holds non-finite values (training diverged): nothing was saved.")
+            raise UserInputError(
+                f"The {name} adapter holds values that are not finite in {dtype} (training diverged, or they exceed "
+                "the range of --save_precision): nothing was saved."
+            )
         state_dicts[name] = state_dict
     metadata = {"format": "pt", SAVE_ID_KEY: uuid.uuid4().hex, COMPONENTS_KEY: ",".join(components)}
     for name, state_dict in state_dicts.items():
