@@ -22,6 +22,10 @@ SPARSE_UPDATES = (
 # Saved with each layer's update: the shape of the tensor it updates, so that an adapter describes itself and cannot
 # load onto a base whose layer of the same name has another shape (adapters saved before these keys still load).
 SHAPE_ATTRS = {"weight": "sara_shape", "bias": "sara_bias_shape"}
+# The third form of saved positions, beside int32 positions and the bitmask: the gaps between consecutive positions
+# as uint16 (the first gap is the first position), 2 bytes a position where no gap exceeds 65535.
+GAPS_ATTRS = {"weight": "sara_gaps", "bias": "sara_bias_gaps"}
+MAX_GAP = 2**16 - 1
 BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
@@ -39,6 +43,16 @@ def pack_positions(positions: torch.Tensor, numel: int) -> torch.Tensor:
 def unpack_positions(mask: torch.Tensor, numel: int) -> torch.Tensor:
     bits = mask.unsqueeze(1).bitwise_right_shift(torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
     return bits.view(-1).nonzero().squeeze(1).to(index_dtype_for(numel))
+
+
+def gaps_of(positions: torch.Tensor) -> torch.Tensor | None:
+    """Sorted positions as uint16 gaps, or None where a gap does not fit 16 bits."""
+    gaps = torch.diff(positions.long(), prepend=positions.new_zeros(1, dtype=torch.long))
+    return None if gaps.numel() and int(gaps.max()) > MAX_GAP else gaps.to(torch.uint16)
+
+
+def positions_of(gaps: torch.Tensor, numel: int) -> torch.Tensor:
+    return gaps.to(torch.int64).cumsum(0).to(index_dtype_for(numel))
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -82,8 +96,7 @@ class _SavedUpdate(NamedTuple):
     update: tuple[str, str, str, str]  # a row of SPARSE_UPDATES
     index_key: str
     value_key: str
-    mask_key: str | None
-    shape_key: str | None
+    extra_keys: tuple[str, ...]  # the keys of its bitmask or gaps and its shape, which no tensor of the layer takes
     indices: torch.Tensor
     values: torch.Tensor
 
@@ -186,8 +199,8 @@ class SaRAModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Save each layer's positions as int32 positions or as a bitmask, whichever is smaller, and the shape of the
-        tensor they index."""
+        """Save each layer's positions in the smallest of three forms (integers, a bitmask, 16-bit gaps), and the shape
+        of the tensor they index."""
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
@@ -199,10 +212,16 @@ class SaRAModel(BaseTuner):
                 base_tensor = getattr(module.get_base_layer(), tensor_name)
                 shape_key = f"{module_name}.{SHAPE_ATTRS[tensor_name]}.{adapter_name}"
                 state_dict[shape_key] = torch.tensor(base_tensor.shape, dtype=torch.int64)
-                numel = base_tensor.numel()
-                if math.ceil(numel / 8) < state_dict[index_key].nbytes:
-                    positions = state_dict.pop(index_key)
-                    state_dict[f"{module_name}.{mask_attr}.{adapter_name}"] = pack_positions(positions, numel)
+                numel, positions = base_tensor.numel(), state_dict[index_key]
+                gaps = gaps_of(positions)
+                forms = {index_attr: positions.nbytes, mask_attr: math.ceil(numel / 8)}
+                if gaps is not None:
+                    forms[GAPS_ATTRS[tensor_name]] = gaps.nbytes
+                smallest = min(forms, key=forms.get)
+                if smallest != index_attr:
+                    del state_dict[index_key]
+                    packed = pack_positions(positions, numel) if smallest == mask_attr else gaps
+                    state_dict[f"{module_name}.{smallest}.{adapter_name}"] = packed
         return state_dict
 
     @classmethod
@@ -227,9 +246,8 @@ class SaRAModel(BaseTuner):
         config._awaits_saved_weights = False
         for saved in fitted:
             index_attr, value_attr, tensor_name, _ = saved.update
-            for key in (saved.mask_key, saved.shape_key):
-                if key is not None:
-                    del state_dict[key]
+            for key in saved.extra_keys:
+                del state_dict[key]
             state_dict[saved.index_key], state_dict[saved.value_key] = saved.indices, saved.values.float()
             current_values = getattr(saved.module, value_attr)[adapter_name]
             if current_values.shape != saved.values.shape:
@@ -266,25 +284,29 @@ class SaRAModel(BaseTuner):
                     continue
                 index_key = f"{module_name}.{index_attr}.{adapter_name}"
                 value_key = f"{module_name}.{value_attr}.{adapter_name}"
-                mask_key, shape_key = (
-                    cls._saved_key(state_dict, module_name, attribute, adapter_name)
-                    for attribute in (mask_attr, SHAPE_ATTRS[tensor_name])
-                )
-                expected_keys.update(key for key in (index_key, value_key, mask_key, shape_key) if key is not None)
-                if (index_key not in state_dict and mask_key is None) or value_key not in state_dict:
+                extra = {
+                    attribute: key
+                    for attribute in (mask_attr, GAPS_ATTRS[tensor_name], SHAPE_ATTRS[tensor_name])
+                    if (key := cls._saved_key(state_dict, module_name, attribute, adapter_name)) is not None
+                }
+                expected_keys.update((index_key, value_key, *extra.values()))
+                tensors = {attribute: state_dict[key] for attribute, key in extra.items()}
+                if index_key in state_dict:
+                    tensors[index_attr] = state_dict[index_key]
+                if (
+                    value_key not in state_dict
+                    or not {index_attr, mask_attr, GAPS_ATTRS[tensor_name]} & tensors.keys()
+                ):
                     missing.append(f"{module_name} ({tensor_name})")
                     continue
                 base_tensor = getattr(module.get_base_layer(), tensor_name)
                 name = f"{module_name.removeprefix('base_model.model.')}.{tensor_name}"
-                if shape_key is not None:
-                    _check_saved_shape(name, state_dict[shape_key], base_tensor)
-                if mask_key is not None:
-                    indices = _unpack_saved_mask(name, state_dict[mask_key], base_tensor)
-                else:
-                    indices = state_dict[index_key]
+                indices = _saved_positions(name, update, tensors, base_tensor)
                 values = state_dict[value_key]
                 _check_saved_update(name, indices, values, base_tensor)
-                fitted.append(_SavedUpdate(module, update, index_key, value_key, mask_key, shape_key, indices, values))
+                fitted.append(
+                    _SavedUpdate(module, update, index_key, value_key, tuple(extra.values()), indices, values)
+                )
         unexpected = sorted(key for key in state_dict if f".{cls.prefix}" in key and key not in expected_keys)
         if missing or unexpected:
             problems = []
@@ -310,7 +332,7 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
         module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
         for update in SPARSE_UPDATES:
             index_attr, value_attr, tensor_name, mask_attr = update
-            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name]):
+            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], GAPS_ATTRS[tensor_name]):
                 saved.setdefault((module_name, update), {})[attribute] = tensor
     for (module_name, (index_attr, value_attr, tensor_name, mask_attr)), tensors in saved.items():
         name = f"{module_name}.{tensor_name}"
@@ -326,15 +348,10 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
                 "nn.Linear or nn.Conv2d here. Load it onto the base model it was trained on (same architecture and "
                 "module names)."
             )
-        if SHAPE_ATTRS[tensor_name] in tensors:
-            _check_saved_shape(name, tensors[SHAPE_ATTRS[tensor_name]], base_tensor)
-        if value_attr not in tensors or (index_attr not in tensors and mask_attr not in tensors):
+        if value_attr not in tensors or not {index_attr, mask_attr, GAPS_ATTRS[tensor_name]} & tensors.keys():
             lacking = "values" if value_attr not in tensors else "positions"
             raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
-        if mask_attr in tensors:
-            indices = _unpack_saved_mask(name, tensors[mask_attr], base_tensor)
-        else:
-            indices = tensors[index_attr]
+        indices = _saved_positions(name, (index_attr, value_attr, tensor_name, mask_attr), tensors, base_tensor)
         _check_saved_update(name, indices, tensors[value_attr], base_tensor)
 
 
@@ -353,6 +370,25 @@ def remove_sara_adapter(model: nn.Module, adapter_name: str) -> None:
         configs.pop(adapter_name, None)
         if not configs:
             del base.peft_config
+
+
+def _saved_positions(
+    name: str, update: tuple[str, str, str, str], tensors: dict[str, torch.Tensor], base_tensor: torch.Tensor
+) -> torch.Tensor:
+    """A layer's saved positions from whichever form they were saved in, after checking the saved shape if any."""
+    index_attr, _, tensor_name, mask_attr = update
+    if SHAPE_ATTRS[tensor_name] in tensors:
+        _check_saved_shape(name, tensors[SHAPE_ATTRS[tensor_name]], base_tensor)
+    if mask_attr in tensors:
+        return _unpack_saved_mask(name, tensors[mask_attr], base_tensor)
+    gaps = tensors.get(GAPS_ATTRS[tensor_name])
+    if gaps is None:
+        return tensors[index_attr]
+    if gaps.dtype != torch.uint16 or gaps.dim() != 1:
+        raise ValueError(
+            f"The SaRA adapter's position gaps for {name} are not a 1-D uint16 tensor: its file is damaged."
+        )
+    return positions_of(gaps, base_tensor.numel())
 
 
 def _check_saved_shape(name: str, shape: torch.Tensor, base_tensor: torch.Tensor) -> None:

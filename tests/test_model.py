@@ -545,11 +545,11 @@ def _unet_with_cross_attention_dim(dim: int) -> nn.Module:
 
 
 def test_an_adapter_never_loads_onto_a_base_of_other_shapes(tmp_path):
-    """to_k/to_v of a cross_attention_dim=64 UNet are larger than a 32 one's: int32 positions would fit them."""
-    trained = get_peft_model(tiny_unet(), SaRAConfig(threshold=1e-3, init_weights=False))  # sparse: int32 positions
+    """to_k/to_v of a cross_attention_dim=64 UNet are larger than a 32 one's: saved positions would fit them."""
+    trained = get_peft_model(tiny_unet(), SaRAConfig(threshold=1e-3, init_weights=False))  # sparse: no bitmask
     trained.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert any(key.endswith("to_k.sara_indices") for key in saved), "the case needs positions saved as integers"
+    assert any(key.endswith(("to_k.sara_indices", "to_k.sara_gaps")) for key in saved), "positions, not a bitmask"
     other = _unet_with_cross_attention_dim(64)
     inputs = unet_inputs(other)
     inputs["encoder_hidden_states"] = torch.randn(2, 4, 64)
@@ -570,3 +570,34 @@ def test_an_adapter_never_loads_onto_a_base_of_other_shapes(tmp_path):
     torch.testing.assert_close(
         loaded(**unet_inputs(loaded)).sample, trained(**unet_inputs(trained)).sample, rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("fraction", [0.005, 0.0058, 0.02, 0.058, 0.1])
+def test_adapter_files_are_compact_at_every_density(tmp_path, fraction):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
+    original = {key: tensor.clone() for key, tensor in base.state_dict().items()}
+    model = get_peft_model(base, SaRAConfig(target_fraction=fraction, init_weights=False))
+    count = sum(param.numel() for name, param in model.named_parameters() if "sara_values" in name)
+    model.save_pretrained(tmp_path / "fp32")
+    assert os.path.getsize(tmp_path / "fp32" / "adapter_model.safetensors") / count <= 6.5
+    model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    assert os.path.getsize(tmp_path / "bf16" / "adapter_model.safetensors") / count <= 4.5
+    fresh = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
+    fresh.load_state_dict(original)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "fp32")
+    for name, indices in model.named_buffers():
+        if "sara_indices" in name:
+            assert torch.equal(reloaded.get_buffer(name).long(), indices.long()), name
+
+
+def test_positions_saved_as_gaps_where_they_are_smallest():
+    from peft_sara.model import gaps_of, positions_of
+
+    positions = torch.tensor([0, 3, 70_000, 70_001], dtype=torch.int32)
+    assert gaps_of(positions) is None  # a gap of 69,997 does not fit 16 bits
+    positions = torch.tensor([5, 9, 65_540], dtype=torch.int32)
+    gaps = gaps_of(positions)
+    assert gaps.dtype == torch.uint16 and gaps.tolist() == [5, 4, 65_531]
+    assert torch.equal(positions_of(gaps, 100_000), positions)
