@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all lint demo demo-base benchmark quality clean
+.PHONY: test test-all test-gpu lint demo demo-base benchmark quality clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test: lint
 
 test-all: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The tests marked `cuda`, on a machine with a GPU, in its own Python (whose torch is a CUDA build; the virtualenv above
+# pins the CPU wheel): pip install -e . there first.
+test-gpu:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -m cuda -q -p no:cacheprovider
 
 # DreamBooth-SaRA end to end on the embedded tiny base (CPU, offline): writes demo/output/grid.png.
 demo: $(STAMP)

@@ -1,0 +1,103 @@
+"""SaRA on a CUDA device: the sparse op in half precision under autocast and a gradient scaler, the regulariser and
+the progressive step, save and load, and a DreamBooth run. Skipped without a GPU; `make test-gpu` runs them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_script, tiny_unet, unet_inputs, write_images
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+import peft_sara
+from peft_sara import SaRAConfig
+from peft_sara.layer import Conv2d, Linear
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+DEVICE = "cuda"
+
+
+def reference_values_grad(layer, x: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The values' gradient from plain autograd on the dense effective weight, under the same autocast."""
+    base = layer.get_base_layer()
+    indices = layer.sara_indices["default"].long()
+    weight = base.weight.detach().clone().requires_grad_(True)
+    update = (
+        torch.zeros_like(weight).view(-1).index_add(0, indices, layer.sara_values["default"].detach().to(weight.dtype))
+    )
+    with torch.autocast(DEVICE, dtype=dtype):
+        effective = weight + update.view_as(weight)
+        output = (
+            F.linear(x, effective, base.bias)
+            if isinstance(base, nn.Linear)
+            else base._conv_forward(x, effective, base.bias)
+        )
+    output.backward(grad_output)
+    return weight.grad.view(-1)[indices].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sparse_op_matches_autograd_under_autocast(dtype, kind):
+    torch.manual_seed(0)
+    base = (nn.Linear(64, 32) if kind == "linear" else nn.Conv2d(8, 16, 3, padding=1)).to(DEVICE, dtype)
+    base.requires_grad_(False)
+    layer = (Linear if kind == "linear" else Conv2d)(base, "default", SaRAConfig(threshold=0.05, init_weights=False))
+    assert layer.sara_values["default"].dtype == torch.float32
+    x = torch.randn((4, 64) if kind == "linear" else (2, 8, 10, 10), device=DEVICE, dtype=dtype)
+    with torch.autocast(DEVICE, dtype=dtype):
+        output = layer(x)
+    grad_output = torch.randn_like(output)
+    before = base.weight.detach().clone()
+    output.backward(grad_output)
+    assert torch.equal(base.weight, before), "the base weight is restored bit for bit"
+    expected = reference_values_grad(layer, x, grad_output, dtype)
+    torch.testing.assert_close(layer.sara_values["default"].grad, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_training_with_a_gradient_scaler_regulariser_and_progressive_step(tmp_path):
+    torch.manual_seed(0)
+    unet = tiny_unet().to(DEVICE, torch.float16)
+    model = get_peft_model(unet, SaRAConfig(threshold=0.02, lambda_rank=5e-3, rank_min_dim=8, progressive_step=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    training = peft_sara.attach(model, optimizer)
+    scaler = torch.amp.GradScaler(DEVICE)
+    inputs = {key: value.to(DEVICE) for key, value in unet_inputs(unet).items()}
+    for _ in range(4):
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            loss = model(**inputs).sample.float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert training.step >= 1 and training.rank_loss > 0
+    values = [param for name, param in model.named_parameters() if "sara_values" in name]
+    assert all(param.dtype == torch.float32 and torch.isfinite(param).all() for param in values)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_unet().to(DEVICE, torch.float16), tmp_path / "adapter")
+    with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.float16):
+        torch.testing.assert_close(reloaded(**inputs).sample, model(**inputs).sample, rtol=0, atol=0)
+
+
+def test_a_dreambooth_run_on_the_gpu(tiny_pipeline_dir, tmp_path):
+    write_images(tmp_path / "dog", 4, seed=0)
+    output = load_script("train_dreambooth_sara").main(
+        [
+            "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+            "--instance_data_dir", str(tmp_path / "dog"),
+            "--instance_prompt", "a photo of sks dog",
+            "--output_dir", str(tmp_path / "out"),
+            "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+            "--threshold", "0.02", "--mixed_precision", "fp16", "--report_to", "none", "--seed", "0",
+            "--validation_prompt", "a photo of sks dog", "--num_validation_images", "1", "--num_inference_steps", "2",
+        ]
+    )  # fmt: skip
+    assert (output / "unet" / "adapter_model.safetensors").is_file()
+    assert (output / "validation" / "final-0.png").is_file()
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
