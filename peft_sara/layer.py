@@ -207,7 +207,7 @@ class SaRALayer(BaseTunerLayer):
     """State and generic operations shared by the SaRA layers of every base type."""
 
     adapter_layer_names = ("sara_values", "sara_bias_values")
-    other_param_names = ("sara_indices", "sara_bias_indices", "sara_scaling")
+    other_param_names = ("sara_indices", "sara_bias_indices", "sara_scaling", "sara_value_dtype")
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -216,6 +216,9 @@ class SaRALayer(BaseTunerLayer):
         self.sara_bias_values = nn.ParameterDict({})
         self.sara_bias_indices = BufferDict({}, persistent=True)
         self.sara_scaling: dict[str, float] = {}
+        # dtype of each adapter's values: fp32 (peft's autocast_adapter_dtype=True, the default) or, with False, the
+        # base weight's dtype (None here)
+        self.sara_value_dtype: dict[str, torch.dtype | None] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.model_reference = ModelReference()
@@ -241,12 +244,27 @@ class SaRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """Follow the base layer's device, but keep the values in fp32 whatever the base dtype (peft casts them)."""
+        """Follow the base layer's device; keep the values in fp32 whatever the base dtype, or in the base weight's
+        dtype when the adapter was made with `autocast_adapter_dtype=False`. peft's own move casts every float
+        tensor to the base dtype, which would round fp32 values through fp16: the values are set aside first."""
+        values_before = [value_dict.get(adapter_name) for value_dict in (self.sara_values, self.sara_bias_values)]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        for value_dict in (self.sara_values, self.sara_bias_values):
-            values = value_dict.get(adapter_name)
-            if values is not None and values.device.type != "meta" and values.dtype != torch.float32:
-                value_dict[adapter_name] = nn.Parameter(values.float(), requires_grad=values.requires_grad)
+        weight = self.get_base_layer().weight
+        dtype = self.sara_value_dtype.get(adapter_name, torch.float32) or weight.dtype
+        target_device = device if device is not None else weight.device
+        for value_dict, values in zip((self.sara_values, self.sara_bias_values), values_before):
+            if values is None or values.device.type == "meta":
+                continue
+            if values.dtype == dtype and values.device == torch.device(target_device):
+                value_dict[adapter_name] = values  # the same Parameter: an optimizer holding it keeps training it
+            else:
+                moved = values.detach().to(device=target_device, dtype=dtype)
+                value_dict[adapter_name] = nn.Parameter(moved, requires_grad=values.requires_grad)
+
+    def set_value_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        """Values in fp32 (True) or in the base weight's dtype (False), as peft's `autocast_adapter_dtype` asks."""
+        self.sara_value_dtype[adapter_name] = torch.float32 if autocast_adapter_dtype else None
+        self._move_adapter_to_device_of_base_layer(adapter_name)
 
     @staticmethod
     def _add_sparse_update(adapter_name, base_tensor, config, index_dict, value_dict) -> None:

@@ -113,6 +113,13 @@ class SaRAModel(BaseTuner):
     tuner_layer_cls = SaRALayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """SaRA keeps its values in fp32 by default; `autocast_adapter_dtype=False` keeps them in each base weight's
+        dtype (bf16/fp16), also through later moves and loads."""
+        for module in self.model.modules():
+            if isinstance(module, SaRALayer) and adapter_name in module.sara_values:
+                module.set_value_dtype(adapter_name, autocast_adapter_dtype)
+
     def _prepare_adapter_config(self, peft_config: SaRAConfig, model_config: dict) -> SaRAConfig:
         # The default looks up target modules by transformers' `model_type`, which diffusers models lack; SaRA's
         # default (every Linear and Conv2d) is resolved in `_prepare_model`, which sees the model.
@@ -248,15 +255,16 @@ class SaRAModel(BaseTuner):
             index_attr, value_attr, tensor_name, _ = saved.update
             for key in saved.extra_keys:
                 del state_dict[key]
-            state_dict[saved.index_key], state_dict[saved.value_key] = saved.indices, saved.values.float()
             current_values = getattr(saved.module, value_attr)[adapter_name]
+            state_dict[saved.index_key] = saved.indices
+            state_dict[saved.value_key] = saved.values.to(current_values.dtype)
             if current_values.shape != saved.values.shape:
                 # Only a differently sized selection gets new tensors: an optimizer (or DDP) that already holds the
                 # current values, as when a training run resumes, must keep training the loaded ones.
                 device = getattr(saved.module.get_base_layer(), tensor_name).device
                 getattr(saved.module, index_attr)[adapter_name] = torch.empty_like(saved.indices, device=device)
                 getattr(saved.module, value_attr)[adapter_name] = nn.Parameter(
-                    torch.empty(saved.values.numel(), dtype=torch.float32, device=device),
+                    torch.empty(saved.values.numel(), dtype=current_values.dtype, device=device),
                     requires_grad=current_values.requires_grad,
                 )
         return state_dict

@@ -150,7 +150,7 @@ class SaRATraining:
         subgradient = polar.view(-1).index_select(0, update.indices)
         subgradient.mul_(weight * update.layer.sara_scaling[update.adapter])
         values = update.values
-        values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
+        values.grad = subgradient.to(values.dtype) if values.grad is None else values.grad.add_(subgradient)
         return weight * nuclear_norm
 
     def _after_step(self, optimizer, args, kwargs) -> None:

@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import peft_sara
 from peft_sara import SaRAConfig, SaRALayer
 from peft_sara.model import threshold_for_fraction
 
@@ -601,3 +602,29 @@ def test_positions_saved_as_gaps_where_they_are_smallest():
     gaps = gaps_of(positions)
     assert gaps.dtype == torch.uint16 and gaps.tolist() == [5, 4, 65_531]
     assert torch.equal(positions_of(gaps, 100_000), positions)
+
+
+def test_autocast_adapter_dtype_false_trains_and_reloads_in_the_base_dtype(tmp_path):
+    def bf16_inputs(unet):
+        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in unet_inputs(unet).items()}
+
+    config = SaRAConfig(threshold=0.02, lambda_rank=5e-3, rank_min_dim=8, progressive_step=1, init_weights=False)
+    model = get_peft_model(tiny_unet().to(torch.bfloat16), config, autocast_adapter_dtype=False)
+    values = [param for name, param in model.named_parameters() if "sara_values" in name]
+    assert {param.dtype for param in values} == {torch.bfloat16}
+    optimizer = torch.optim.AdamW(values, lr=1e-3)
+    training = peft_sara.attach(model, optimizer)
+    model(**bf16_inputs(model)).sample.float().pow(2).mean().backward()
+    assert {param.grad.dtype for param in values if param.grad is not None} == {torch.bfloat16}
+    optimizer.step()  # the regulariser and the progressive step act on bf16 values
+    assert training.step == 1 and training.rank_loss > 0
+    assert {param.dtype for param in values} == {torch.bfloat16}
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_unet().to(torch.bfloat16), tmp_path, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in reloaded.named_parameters() if "sara_values" in n} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**bf16_inputs(reloaded)).sample, model(**bf16_inputs(model)).sample, rtol=0, atol=0
+        )
+    default = PeftModel.from_pretrained(tiny_unet().to(torch.bfloat16), tmp_path)
+    assert {p.dtype for n, p in default.named_parameters() if "sara_values" in n} == {torch.float32}
