@@ -68,8 +68,11 @@ def _weight_with_updates(
     a copy of the whole weight per call. Going through `.data` leaves autograd's version counter of the parameter
     alone. A non-contiguous weight (channels_last) gets a patched copy instead. Like any in-place use of a weight,
     this is not for one model run by several threads at once (torch.nn.DataParallel); DDP runs processes.
+
+    A weight stored narrower than it computes (diffusers' layerwise casting keeps it in fp8 or bf16) also gets a
+    patched copy in `dtype`: the updates would otherwise be rounded to the storage dtype.
     """
-    if not weight.is_contiguous():
+    if not weight.is_contiguous() or weight.dtype.itemsize < dtype.itemsize:
         yield _scatter_updates(weight.detach(), updates, dtype)
         return
     flat = weight.data.view(-1)
@@ -221,6 +224,9 @@ class SaRALayer(BaseTunerLayer):
         self.sara_value_dtype: dict[str, torch.dtype | None] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # PEFT's switch for casting a layer's input to its adapter's dtype (diffusers' layerwise casting turns it off);
+        # the sparse op computes in the weight's compute dtype, so SaRA has no input cast to switch
+        self.cast_input_dtype_enabled = True
         self.model_reference = ModelReference()
         self._checked_for_merge: list[str] | None = None  # adapters a peer's safe merge has checked for this layer
         base_layer = self.get_base_layer()
@@ -387,7 +393,7 @@ class SaRALayer(BaseTunerLayer):
         base_layer = self.get_base_layer()
         weight = base_layer.weight
         updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
-        compute_dtype = weight.dtype
+        compute_dtype = _layerwise_compute_dtype(base_layer) or weight.dtype
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
         indices_and_values = [tensor for indices, values, _ in updates for tensor in (indices, values)]
@@ -395,6 +401,14 @@ class SaRALayer(BaseTunerLayer):
         return _SparseWeightOp.apply(
             x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, *indices_and_values
         )
+
+
+def _layerwise_compute_dtype(base_layer: nn.Module) -> torch.dtype | None:
+    """The compute dtype of diffusers' layerwise casting on the base layer, if enabled: the base layer's own forward,
+    whose hook would cast its weight for the computation, does not run while SaRA computes with its weight."""
+    registry = getattr(base_layer, "_diffusers_hook", None)
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    return getattr(hook, "compute_dtype", None)
 
 
 class _SaRAModule(nn.Module, SaRALayer):

@@ -628,3 +628,29 @@ def test_autocast_adapter_dtype_false_trains_and_reloads_in_the_base_dtype(tmp_p
         )
     default = PeftModel.from_pretrained(tiny_unet().to(torch.bfloat16), tmp_path)
     assert {p.dtype for n, p in default.named_parameters() if "sara_values" in n} == {torch.float32}
+
+
+def test_diffusers_layerwise_casting_keeps_sara_values_and_computes_in_the_compute_dtype():
+    import copy
+
+    unet = tiny_unet()
+    unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+    reference = copy.deepcopy(unet)
+    for module in reference.modules():  # the base layers as fp8 storage holds them, computed in fp32
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None:
+                    tensor.data = tensor.data.to(torch.float8_e4m3fn).float()
+    values = {name: param.detach().clone() for name, param in unet.named_parameters() if "sara_values" in name}
+    indices = {name: buffer.clone() for name, buffer in unet.named_buffers() if "sara_indices" in name}
+    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert any(m.weight.dtype == torch.float8_e4m3fn for m in unet.modules() if isinstance(m, nn.Linear))
+    for name, param in unet.named_parameters():
+        if "sara_values" in name:
+            assert param.dtype == torch.float32 and torch.equal(param, values[name]), name
+    for name, buffer in unet.named_buffers():
+        if "sara_indices" in name:
+            assert torch.equal(buffer, indices[name]), name
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, reference(**inputs).sample)
