@@ -143,30 +143,22 @@ def save_checkpoint(
 
 def register_checkpointing(accelerator, models: dict[str, torch.nn.Module], training: SaRATraining) -> None:
     """Make accelerate's save_state/load_state store the SaRA adapters (PEFT folders) and SaRA's training state
-    (safetensors), not the whole models and no pickle. `models` maps a subfolder name to a (prepared) model."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+    (safetensors), not the whole models and no pickle. `models` maps a subfolder name to a (prepared) model.
 
-    def unwrapped() -> dict[str, torch.nn.Module]:
-        return {name: accelerator.unwrap_model(model) for name, model in models.items()}
+    Loading restores SaRA's training state only: a resumed run has loaded the checkpoint's adapters already, with
+    `load_checkpoint_adapters`, before its optimizer was made from them.
+    """
 
     def save_hook(hook_models, weights, output_dir):
         if accelerator.is_main_process:
-            save_adapters(output_dir, unwrapped())
+            unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+            save_adapters(output_dir, unwrapped)
             save_training_state(training, Path(output_dir) / TRAINING_STATE_NAME)
         weights.clear()  # the adapters are saved above; accelerate must not write the full models
 
     def load_hook(hook_models, input_dir):
-        for name, model in unwrapped().items():
-            held = [id(param) for param in model.parameters() if param.requires_grad]
-            set_peft_model_state_dict(model, load_peft_weights(os.path.join(input_dir, name)))
-            if [id(param) for param in model.parameters() if param.requires_grad] != held:
-                raise UserInputError(
-                    f"The {name} adapter of {input_dir} selects other weights than this run's: resume with the flags "
-                    "it was trained with (--threshold/--target_fraction, --include_bias)."
-                )
         load_training_state(training, Path(input_dir) / TRAINING_STATE_NAME)
-        hook_models.clear()
+        hook_models.clear()  # accelerate must not load whole models
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
