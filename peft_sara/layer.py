@@ -2,9 +2,13 @@
 
 Each adapter keeps two tensors per layer: `sara_indices`, the sorted flat positions of the trainable entries (saved
 with the adapter, never recomputed from the base at load time), and `sara_values`, the trainable fp32 update at those
-positions. The forward pass adds the update into the weight for the duration of one op and the backward pass gathers
-the dense weight gradient at the positions ("unstructured backpropagation"): no dense weight copy is kept for the
-backward pass and no dense weight gradient outlives its layer's backward step.
+positions. The backward pass gathers the dense weight gradient at the positions ("unstructured backpropagation"): no
+dense weight copy is kept for the backward pass and no dense weight gradient outlives its layer's backward step.
+
+While one adapter trains, its update stays folded into the base weight's storage between calls and is refreshed once
+after each optimizer step (see `SaRALayer._hold_fold`); everything that reads the base weight through PEFT's API
+(`get_base_layer`, `state_dict`, merging, moves, switching adapters) first gets it back bit for bit. Otherwise (several
+adapters active, inference) each op adds the update for its own duration and puts the original entries back.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -86,20 +91,30 @@ def _weight_with_updates(
             flat.index_put_((indices,), original)
 
 
+def _effective_weight(
+    weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype, folded: bool
+):
+    """The effective weight in `dtype` for one op: the weight itself when the updates are folded into it already."""
+    return nullcontext(weight.data.to(dtype)) if folded else _weight_with_updates(weight, updates, dtype)
+
+
 class _SparseWeightOp(torch.autograd.Function):
     """y = op(x, W + Σ scatter(indices_a, scale_a · values_a), bias), differentiable in x, bias and the values only.
 
-    The effective weight is rebuilt in backward instead of being saved, and the dense weight gradient is gathered at
+    `folded` says that the weight holds the updates already (one adapter training, see `SaRALayer._hold_fold`). The
+    values are saved for backward either way, so that autograd refuses a backward after they changed in place. The
+    effective weight is rebuilt in backward instead of being saved, and the dense weight gradient is gathered at
     the indices and freed at once: the only weight-sized temporary is that gradient (plus a cast copy under autocast).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, op, compute_dtype, scales, *indices_and_values):
+    def forward(ctx, x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values):
         ctx.input_dtype, ctx.has_bias = x.dtype, bias is not None
         x = x.to(compute_dtype)
-        with _weight_with_updates(weight, _pair_updates(indices_and_values, scales), compute_dtype) as effective:
+        updates = _pair_updates(indices_and_values, scales)
+        with _effective_weight(weight, updates, compute_dtype, folded) as effective:
             output = op.forward(x, effective, None if bias is None else bias.to(compute_dtype))
-        ctx.op, ctx.scales, ctx.compute_dtype = op, scales, compute_dtype
+        ctx.op, ctx.scales, ctx.compute_dtype, ctx.folded = op, scales, compute_dtype, folded
         ctx.save_for_backward(x, weight, *indices_and_values)
         return output
 
@@ -108,10 +123,10 @@ class _SparseWeightOp(torch.autograd.Function):
         x, weight, *indices_and_values = ctx.saved_tensors
         grad_output = grad_output.to(ctx.compute_dtype)
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        needs_values = ctx.needs_input_grad[7::2]
+        needs_values = ctx.needs_input_grad[8::2]
         needs_dense_grad = needs_weight or any(needs_values)
         updates = _pair_updates(indices_and_values, ctx.scales)
-        with _weight_with_updates(weight, updates, ctx.compute_dtype) as effective:
+        with _effective_weight(weight, updates, ctx.compute_dtype, ctx.folded) as effective:
             grad_x, dense_grad = ctx.op.backward(grad_output, x, effective, needs_x, needs_dense_grad)
         grad_values = [None] * len(needs_values)
         if needs_dense_grad:
@@ -126,7 +141,7 @@ class _SparseWeightOp(torch.autograd.Function):
         grad_x = grad_x.to(ctx.input_dtype) if needs_x else None
         grad_bias = ctx.op.bias_grad(grad_output) if needs_bias and ctx.has_bias else None
         grads_of_pairs = [grad for value_grad in grad_values for grad in (None, value_grad)]
-        return (grad_x, grad_weight, grad_bias, None, None, None, *grads_of_pairs)
+        return (grad_x, grad_weight, grad_bias, None, None, None, None, *grads_of_pairs)
 
 
 def _pair_updates(indices_and_values, scales) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -206,6 +221,17 @@ class ModelReference:
         return ModelReference, ()
 
 
+@dataclass
+class _Fold:
+    """One adapter's update held in a base weight's storage between calls, and what undoes it exactly."""
+
+    weight: torch.Tensor  # the parameter folded into
+    indices: torch.Tensor
+    values: torch.Tensor
+    originals: torch.Tensor  # the weight's entries at `indices` before the fold, in its dtype
+    state: tuple[int, int, float]  # values' and indices' version counters and the scale, when folded
+
+
 class SaRALayer(BaseTunerLayer):
     """State and generic operations shared by the SaRA layers of every base type."""
 
@@ -213,6 +239,9 @@ class SaRALayer(BaseTunerLayer):
     other_param_names = ("sara_indices", "sara_bias_indices", "sara_scaling", "sara_value_dtype")
 
     def __init__(self, base_layer: nn.Module) -> None:
+        self._sara_fold: _Fold | None = None
+        # whether a training adapter's update may stay folded into the weight (tests compare with the unfolded path)
+        self._fold_allowed = True
         self.base_layer = base_layer
         self.sara_values = nn.ParameterDict({})
         self.sara_indices = BufferDict({}, persistent=True)
@@ -236,6 +265,79 @@ class SaRALayer(BaseTunerLayer):
         # every PEFT layer exposes in_features/out_features; a convolution's are its channels, as in PEFT's LoRA
         self.in_features = getattr(base_layer, "in_features", getattr(base_layer, "in_channels", None))
         self.out_features = getattr(base_layer, "out_features", getattr(base_layer, "out_channels", None))
+
+    def get_base_layer(self) -> nn.Module:
+        """The base layer, its weight restored first if an update is folded into it: code that reads the base weight
+        through PEFT's API (merging, unloading, saving, moving, `weight`) sees the base bit for bit."""
+        self._restore_base()
+        return self._raw_base_layer()
+
+    def _raw_base_layer(self) -> nn.Module:
+        """The base layer as it is, for the forward pass, which keeps a training fold in place."""
+        return super().get_base_layer()
+
+    def _restore_base(self) -> None:
+        """Take a folded update out of the base weight: its original entries are copied back, not subtracted."""
+        fold, self._sara_fold = self._sara_fold, None
+        if fold is not None:
+            fold.weight.data.view(-1).index_put_((fold.indices,), fold.originals)
+
+    def _hold_fold(self, updates: list[tuple[torch.Tensor, torch.Tensor, float]], compute_dtype: torch.dtype) -> bool:
+        """Keep the update of a training adapter folded into the base weight; whether the op takes the weight as is.
+
+        A fold holds for one active adapter whose values train (grad mode on), on a contiguous weight stored at least
+        as wide as the op computes. It is refreshed when the values, positions or scale changed since the last call
+        (an optimizer's in-place step bumps the values' version counter), so an update costs two passes over its
+        positions per optimizer step instead of several per op. The refresh copies the originals back and adds the
+        update as the unfolded path does, so both compute bit-identical weights. Anything else unfolds.
+        """
+        weight = self._raw_base_layer().weight
+        if len(updates) != 1 or not self._fold_allowed:
+            self._restore_base()
+            return False
+        indices, values, scale = updates[0]
+        if not (
+            torch.is_grad_enabled()
+            and values.requires_grad
+            and weight.is_contiguous()
+            and weight.dtype.itemsize >= compute_dtype.itemsize
+            and weight.device.type != "meta"
+        ):
+            self._restore_base()
+            return False
+        state = (values._version, indices._version, scale)
+        fold, flat = self._sara_fold, weight.data.view(-1)
+        if fold is not None and fold.weight is weight and fold.indices is indices and fold.values is values:
+            if fold.state == state:
+                return True
+            flat.index_put_((indices,), fold.originals)
+        else:
+            self._restore_base()
+            fold = self._sara_fold = _Fold(weight, indices, values, flat.index_select(0, indices), state)
+        flat.index_add_(0, indices, values.detach().to(flat.dtype), alpha=scale)
+        fold.state = state
+        return True
+
+    def base_entries(self, adapter_name: str) -> torch.Tensor:
+        """The base weight's entries at an adapter's positions, without any update: the regulariser and the
+        progressive step read them every step, so a fold's saved originals are used rather than unfolding."""
+        indices = self.sara_indices[adapter_name]
+        fold = self._sara_fold
+        if fold is not None and fold.indices is indices:
+            return fold.originals
+        return self.get_base_layer().weight.detach().reshape(-1).index_select(0, indices)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        self._restore_base()
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._restore_base()
+        super().enable_adapters(enabled)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._restore_base()
+        super().delete_adapter(adapter_name)
 
     def update_layer(self, adapter_name: str, config: SaRAConfig) -> None:
         """Select the trainable entries of this layer for `adapter_name` and create their zero update."""
@@ -290,7 +392,7 @@ class SaRALayer(BaseTunerLayer):
         ]
 
     def _effective_bias(self, adapter_names) -> torch.Tensor | None:
-        bias = self.get_base_layer().bias
+        bias = self._raw_base_layer().bias
         if bias is None:
             return None
         for indices, values, scale in self._updates(adapter_names, self.sara_bias_indices, self.sara_bias_values):
@@ -302,14 +404,17 @@ class SaRALayer(BaseTunerLayer):
 
     # scaling, as diffusers' set_adapters(weights), fuse_lora(lora_scale) and the lora_scale kwargs use it
     def set_scale(self, adapter: str, scale: float) -> None:
+        self._restore_base()
         if adapter in self.sara_scaling:
             self.sara_scaling[adapter] = float(scale)
 
     def scale_layer(self, scale: float) -> None:
+        self._restore_base()
         for adapter in self._active_sara_adapters():
             self.sara_scaling[adapter] *= scale
 
     def unscale_layer(self, scale: float | None = None) -> None:
+        self._restore_base()
         for adapter in self._active_sara_adapters():
             self.sara_scaling[adapter] = 1.0 if scale is None else self.sara_scaling[adapter] / scale
 
@@ -390,16 +495,17 @@ class SaRALayer(BaseTunerLayer):
             self._fold_into_base(self.merged_adapters.pop(), -1.0)
 
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
-        base_layer = self.get_base_layer()
+        base_layer = self._raw_base_layer()
         weight = base_layer.weight
         updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
         compute_dtype = _layerwise_compute_dtype(base_layer) or weight.dtype
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
+        folded = self._hold_fold(updates, compute_dtype)
         indices_and_values = [tensor for indices, values, _ in updates for tensor in (indices, values)]
         scales = tuple(scale for _, _, scale in updates)
         return _SparseWeightOp.apply(
-            x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, *indices_and_values
+            x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, folded, *indices_and_values
         )
 
 
@@ -429,11 +535,32 @@ class _SaRAModule(nn.Module, SaRALayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
+            self._restore_base()
             return self.base_layer(x, *args, **kwargs)
         active = self._active_sara_adapters()
         if self.merged or not active:
+            self._restore_base()
             return self.base_layer(x, *args, **kwargs)
         return self._sparse_forward(*self._input_and_op(x), active)
+
+    # A folded update is taken out of the weight before the module's tensors are saved, loaded, moved or cast, and
+    # when the module leaves training mode.
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        self._restore_base()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._restore_base()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._restore_base()
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self._restore_base()
+        return super().train(mode)
 
     def __repr__(self) -> str:
         return "sara." + super().__repr__()
@@ -451,7 +578,7 @@ class Conv2d(_SaRAModule):
 
     def _input_and_op(self, x: torch.Tensor):
         """Apply non-zero or string padding to the input here, so that the sparse op only sees zero padding."""
-        conv = self.get_base_layer()
+        conv = self._raw_base_layer()
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
             return x, _Conv2dOp(conv.stride, conv.padding, conv.dilation, conv.groups)
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode

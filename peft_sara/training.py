@@ -25,28 +25,66 @@ def paper_learning_rate(threshold: float) -> float:
     return 1e-3 * math.exp(-350 * threshold)
 
 
-def polar_factor(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz")
+# Muon's quintic Newton–Schulz step: it pulls every singular value of a Frobenius-normalised matrix into [0.7, 1.2]
+# in a few products; the cubic step then converges them to 1, so the result is U Vᵀ, not Muon's approximation of it.
+_QUINTIC = (3.4445, -4.7750, 2.0315)
+_QUINTIC_STEPS, _CUBIC_STEPS = 10, 6
+
+
+def polar_factor(matrix: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """U Vᵀ of a matrix's thin SVD (the subgradient of its nuclear norm) and the nuclear norm Σσ.
 
-    For a matrix at least twice as long as it is wide, from the eigen-decomposition of its smaller Gram matrix, in fp64
-    so that small singular values keep their accuracy (1e-6 from the SVD's U Vᵀ): for SD's 1280×5120 weights 0.8 s
-    instead of 2.3 s on a 2-core CPU. Directions of (numerically) zero singular values then get no subgradient, one of
-    the valid choices. A near-square matrix gains nothing from its Gram matrix and takes the SVD.
+    `method`:
+    - "svd": the full SVD (2.3 s for SD's 1280×5120 weights on a 2-core CPU);
+    - "gram": the eigen-decomposition of the smaller Gram matrix, in fp64 so that small singular values keep their
+      accuracy (1e-6 from the SVD's U Vᵀ), 0.8 s for the same matrix. Directions of (numerically) zero singular
+      values get no subgradient, one of the valid choices;
+    - "newton_schulz": 16 Newton–Schulz iterations, matrix products only, which a GPU runs in milliseconds;
+      singular values below about 1e-4 of the Frobenius norm get a damped subgradient;
+    - "auto": Newton–Schulz on a GPU; on a CPU the Gram path for matrices at least twice as long as wide, the SVD
+      for near-square ones (their Gram matrix saves nothing).
+    The nuclear norm is ⟨U Vᵀ, M⟩ = Σσ, from the same quantities.
     """
+    if method not in POLAR_METHODS:
+        raise ValueError(f"unknown polar factor method {method!r}: choose one of {POLAR_METHODS}")
     rows, columns = matrix.shape
-    if max(rows, columns) < 2 * min(rows, columns):
+    if method == "auto":
+        if matrix.device.type != "cpu":
+            method = "newton_schulz"
+        else:
+            method = "gram" if max(rows, columns) >= 2 * min(rows, columns) else "svd"
+    if method == "svd":
         u, singular_values, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u @ vh, singular_values.sum()
-    wide = rows < columns
+    polar = _gram_polar(matrix) if method == "gram" else _newton_schulz_polar(matrix)
+    return polar, (polar * matrix).sum()
+
+
+def _gram_polar(matrix: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ = M Q Λ^(-1/2) Qᵀ from the eigen-decomposition Q Λ Qᵀ of the smaller Gram matrix, in fp64."""
+    wide = matrix.shape[0] < matrix.shape[1]
     exact = matrix.double()
     gram = exact @ exact.T if wide else exact.T @ exact
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     keep = eigenvalues > eigenvalues.max().clamp(min=0) * gram.shape[0] * torch.finfo(torch.float64).eps
-    singular_values = eigenvalues.clamp(min=0).sqrt()
-    inverse = torch.where(keep, 1 / singular_values, torch.zeros_like(singular_values))
-    projector = ((eigenvectors * inverse) @ eigenvectors.T).to(matrix.dtype)  # Q Λ^(-1/2) Qᵀ
-    polar = projector @ matrix if wide else matrix @ projector
-    return polar, singular_values[keep].sum().to(matrix.dtype)
+    inverse = torch.where(keep, eigenvalues.clamp(min=0).rsqrt(), torch.zeros_like(eigenvalues))
+    projector = ((eigenvectors * inverse) @ eigenvectors.T).to(matrix.dtype)
+    return projector @ matrix if wide else matrix @ projector
+
+
+def _newton_schulz_polar(matrix: torch.Tensor) -> torch.Tensor:
+    """U Vᵀ by Newton–Schulz iterations on the Frobenius-normalised matrix, in fp32, on the smaller Gram side."""
+    tall = matrix.shape[0] > matrix.shape[1]
+    x = matrix.float().T if tall else matrix.float()
+    x = x / x.norm().clamp(min=torch.finfo(torch.float32).tiny)
+    a, b, c = _QUINTIC
+    for _ in range(_QUINTIC_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    for _ in range(_CUBIC_STEPS):
+        x = 1.5 * x - 0.5 * (x @ x.T) @ x
+    return (x.T if tall else x).to(matrix.dtype)
 
 
 @dataclass
@@ -67,12 +105,12 @@ class _TrainedUpdate:
         return self.layer.sara_indices[self.adapter]
 
     @property
-    def base_weight(self) -> torch.Tensor:
-        return self.layer.get_base_layer().weight
+    def weight_shape(self) -> torch.Size:
+        return self.layer._raw_base_layer().weight.shape
 
     def effective_values(self) -> torch.Tensor:
         """fp32 value of the weight at the trainable positions: base + scale · update."""
-        base = self.base_weight.detach().reshape(-1).index_select(0, self.indices).float()
+        base = self.layer.base_entries(self.adapter).float()
         return base + self.layer.sara_scaling[self.adapter] * self.values.detach()
 
 
@@ -144,7 +182,7 @@ class SaRATraining:
 
         Returns weight · ‖P_M‖_*, the regulariser's value.
         """
-        masked = torch.zeros(update.base_weight.shape, dtype=torch.float32, device=update.values.device)
+        masked = torch.zeros(update.weight_shape, dtype=torch.float32, device=update.values.device)
         masked.view(-1).index_add_(0, update.indices, update.effective_values())
         polar, nuclear_norm = polar_factor(masked)
         subgradient = polar.view(-1).index_select(0, update.indices)
@@ -242,8 +280,8 @@ def _rank_candidates(updates: list[_TrainedUpdate]) -> list[tuple[SaRAConfig, li
     """For each adapter config with λ > 0, the updates of the 2-D weights large enough to regularise."""
     by_config: dict[int, tuple[SaRAConfig, list[_TrainedUpdate]]] = {}
     for update in updates:
-        config, weight = update.config, update.base_weight
-        if config.lambda_rank > 0 and weight.dim() == 2 and min(weight.shape) > config.rank_min_dim:
+        config, shape = update.config, update.weight_shape
+        if config.lambda_rank > 0 and len(shape) == 2 and min(shape) > config.rank_min_dim:
             by_config.setdefault(id(config), (config, []))[1].append(update)
     return list(by_config.values())
 

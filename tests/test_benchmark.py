@@ -16,7 +16,7 @@ BENCHMARK = [sys.executable, "-m", "benchmarks.benchmark"]  # run from REPO_ROOT
 
 def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
     output = tmp_path / "bench.json"
-    methods = "frozen,full,sara,masked_dense,lora_attention,lora_matched,supertuning,shira"
+    methods = "frozen,dense_grad,full,sara,masked_dense,lora_attention,lora_matched,supertuning,shira"
     command = [*BENCHMARK, "--model", "small", "--steps", "1", "--latent-size", "16", "--methods", methods]
     plot = tmp_path / "bench.png"
     result = subprocess.run(
@@ -37,12 +37,17 @@ def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
         assert abs(results[matched]["trainable_values"] / sara["trainable_values"] - 1) < 0.05, matched
     assert results["masked_dense"]["values_with_gradients"] > 10 * sara["trainable_values"]  # dense gradients
     assert results["lora_attention"]["trainable_values"] < sara["trainable_values"]
-    assert all(row["peak_memory_bytes"] > 0 and row["median_step_seconds"] > 0 for row in results.values())
+    # the floor computes every Linear/Conv2d weight's gradient and steps no optimizer
+    floor = results["dense_grad"]
+    assert sara["trainable_values"] < 0.1 * floor["trainable_values"] < floor["total_parameters"]
+    assert all(row["peak_memory_bytes"] > 0 and row["mean_step_seconds"] > 0 for row in results.values())
     assert 0 < sara["adapter_bytes"] <= 8 * sara["trainable_values"] + 65536  # header: about 200 B per tensor
     assert all(results[name]["adapter_load_seconds"] > 0 for name in ("sara", "lora_attention", "shira"))
     assert results["full"]["adapter_bytes"] is None
-    assert set(report["sara_budget"]) == {"memory_vs_frozen_budget", "memory_vs_full", "time_vs_full"}
-    assert "| sara |" in result.stdout and "memory / LoRA" in result.stdout
+    budget = report["sara_budget"]
+    assert set(budget) == {"memory_vs_frozen_budget", "memory_vs_full", "time_vs_full", "time_vs_dense_grad"}
+    assert budget["time_vs_dense_grad"]["value"] == sara["mean_step_seconds"] / floor["mean_step_seconds"]
+    assert "| sara |" in result.stdout and "time / floor" in result.stdout
     with Image.open(plot) as image:
         assert image.format == "PNG"
     # saved runs are plotted side by side without running anything

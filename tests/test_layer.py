@@ -104,7 +104,7 @@ def test_gradcheck_in_double_precision():
     indices = layer.sara_indices["default"]
 
     def sparse_conv(x, values):
-        return _SparseWeightOp.apply(x, base.weight, base.bias, op, torch.double, (0.5,), indices, values)
+        return _SparseWeightOp.apply(x, base.weight, base.bias, op, torch.double, (0.5,), False, indices, values)
 
     x = torch.randn(1, 2, 5, 5, dtype=torch.double, requires_grad=True)
     values = torch.randn(indices.numel(), dtype=torch.double, requires_grad=True)
@@ -237,7 +237,10 @@ def test_base_weight_is_restored_bit_exactly(channels_last):
     for _ in range(3):
         output = layer(x)
         output.square().sum().backward()
-        assert torch.equal(base.weight, original)
+        assert torch.equal(layer.get_base_layer().weight, original)
+    with torch.no_grad():
+        layer(x)  # inference adds the update for the op's duration only
+    assert torch.equal(base.weight, original)
     expected_output, _, expected_values_grad = dense_reference(layer, x, 2 * output.detach())
     torch.testing.assert_close(output, expected_output)
     torch.testing.assert_close(layer.sara_values["default"].grad / 3, expected_values_grad)
@@ -247,9 +250,12 @@ def test_base_weight_is_restored_when_the_op_fails():
     base = nn.Linear(8, 4)
     original = base.weight.detach().clone()
     layer = sara_layer(base, threshold=0.2)
-    with pytest.raises(RuntimeError):
+    with torch.no_grad(), pytest.raises(RuntimeError):
         layer(torch.randn(3, 7))  # wrong input width
     assert torch.equal(base.weight, original)
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(3, 7))  # while training: the fold stays, and the base reads back exactly
+    assert torch.equal(layer.get_base_layer().weight, original)
 
 
 def test_every_layer_exposes_in_and_out_features():
@@ -258,3 +264,133 @@ def test_every_layer_exposes_in_and_out_features():
     assert isinstance(conv, Conv2d) and (conv.in_features, conv.out_features) == (3, 8)
     assert (conv.in_channels, conv.out_channels) == (3, 8)
     assert isinstance(linear, Linear) and (linear.in_features, linear.out_features) == (8, 5)
+
+
+# While an adapter trains, its update stays folded into the base weight (SaRALayer._hold_fold). Everything a user
+# sees must be bit-identical to the unfolded path: the model below is trained and then operated on twice, with folding
+# allowed and with it refused.
+
+
+def _trained_pair(steps: int = 3, dtype: torch.dtype = torch.float32, autocast: bool = False):
+    """Two identical models trained identically, the first with folding allowed, the second without."""
+    import peft_sara
+
+    pair = []
+    for fold_allowed in (True, False):
+        torch.manual_seed(0)
+        base = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 40), nn.GELU(), nn.Linear(40, 24)
+        )
+        config = SaRAConfig(
+            threshold=0.05, include_bias=True, lambda_rank=5e-3, rank_min_dim=4, progressive_step=2, init_weights=False
+        )
+        model = get_peft_model(base.to(dtype), config)
+        for module in model.modules():
+            if hasattr(module, "_fold_allowed"):
+                module._fold_allowed = fold_allowed
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        peft_sara.attach(model, optimizer)
+        pair.append((model, optimizer))
+    torch.manual_seed(1)
+    inputs = [torch.randn(2, 3, 6, 6, dtype=dtype) for _ in range(steps)]
+    for x in inputs:
+        results = []
+        for model, optimizer in pair:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                output = model(x)
+            output.float().square().mean().backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            optimizer.step()
+            optimizer.zero_grad()
+            results.append((output, grads))
+        (output, grads), (reference_output, reference_grads) = results
+        assert torch.equal(output, reference_output)
+        assert all(torch.equal(a, b) for a, b in zip(grads, reference_grads))
+    return pair[0][0], pair[1][0]
+
+
+def _sara_layers(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, (Linear, Conv2d))]
+
+
+def _raw_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer as stored (state_dict would unfold first)."""
+    return [tensor.detach() for tensor in [*model.parameters(), *model.buffers()]]
+
+
+@pytest.mark.parametrize(
+    "dtype, autocast",
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+    ids=["fp32", "bf16", "autocast"],
+)
+def test_training_with_the_fold_is_bit_identical_to_the_unfolded_path(dtype, autocast):
+    folded, reference = _trained_pair(steps=4, dtype=dtype, autocast=autocast)
+    assert all(layer._sara_fold is not None for layer in _sara_layers(folded))
+    assert all(layer._sara_fold is None for layer in _sara_layers(reference))
+    assert not any(torch.equal(a, b) for a, b in zip(_raw_tensors(folded)[:1], _raw_tensors(reference)[:1]))
+    for layer, reference_layer in zip(_sara_layers(folded), _sara_layers(reference)):
+        assert torch.equal(layer.get_base_layer().weight, reference_layer.get_base_layer().weight)
+    assert all(layer._sara_fold is None for layer in _sara_layers(folded))
+
+
+def _second_adapter(model):
+    model.add_adapter("other", SaRAConfig(threshold=0.03))
+    model.set_adapter("other")
+    return model
+
+
+def _delete_first(model):
+    _second_adapter(model)
+    model.delete_adapter("default")
+    return model
+
+
+def _rescale(model):
+    for layer in _sara_layers(model):
+        layer.set_scale("default", 0.5)
+    return model
+
+
+def _save_and_reload(model, tmp_path):
+    from peft import PeftModel
+
+    model.save_pretrained(tmp_path / "adapter")
+    return PeftModel.from_pretrained(model.unload(), tmp_path / "adapter", is_trainable=True)
+
+
+OPERATIONS = {
+    "merge_and_unload": lambda model, tmp_path: model.merge_and_unload(),
+    "merge_then_unmerge": lambda model, tmp_path: (model.merge_adapter(), model.unmerge_adapter(), model)[-1],
+    "unload": lambda model, tmp_path: model.unload(),
+    "second_adapter": lambda model, tmp_path: _second_adapter(model),
+    "delete_adapter": lambda model, tmp_path: _delete_first(model),
+    "scale": lambda model, tmp_path: _rescale(model),
+    "cast": lambda model, tmp_path: model.to(torch.float64),
+    "eval": lambda model, tmp_path: model.eval(),
+    "deepcopy": lambda model, tmp_path: __import__("copy").deepcopy(model),
+    "save_and_reload": _save_and_reload,
+}
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_every_operation_sees_the_base_as_if_nothing_was_folded(operation, tmp_path):
+    folded, reference = _trained_pair()
+    folded = OPERATIONS[operation](folded, tmp_path / "folded")
+    reference = OPERATIONS[operation](reference, tmp_path / "reference")
+    if operation != "deepcopy":  # a copy keeps the fold, with what undoes it
+        assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference), strict=True))
+    x = torch.randn(2, 3, 6, 6, dtype=next(reference.parameters()).dtype)
+    assert torch.equal(folded(x), reference(x))  # a training forward: folded again where an adapter trains
+    with torch.no_grad():
+        assert torch.equal(folded(x), reference(x))  # inference unfolds
+    assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference), strict=True))
+
+
+def test_state_dict_and_disabled_adapter_see_the_base():
+    folded, reference = _trained_pair()
+    assert all(torch.equal(a, b) for a, b in zip(folded.state_dict().values(), reference.state_dict().values()))
+    folded(torch.randn(2, 3, 6, 6))  # fold again
+    x = torch.randn(2, 3, 6, 6)
+    with folded.disable_adapter(), reference.disable_adapter():
+        assert torch.equal(folded(x), reference(x))
+        assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference)))

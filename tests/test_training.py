@@ -215,20 +215,32 @@ def test_package_exports_the_public_api():
         assert hasattr(peft_sara, name)
 
 
+@pytest.mark.parametrize("method", ["auto", "svd", "gram", "newton_schulz"])
 @pytest.mark.parametrize("shape", [(96, 400), (400, 96), (128, 128), (64, 200)])
-def test_polar_factor_agrees_with_the_svd(shape):
+def test_polar_factor_agrees_with_the_svd(shape, method):
     from peft_sara.training import polar_factor
 
     torch.manual_seed(0)
     weight = torch.randn(*shape) * 0.02
     masked = weight * (weight.abs() < 2e-3)  # SaRA's masked matrix: sparse, full rank
     u, singular_values, vh = torch.linalg.svd(masked, full_matrices=False)
-    polar, nuclear_norm = polar_factor(masked)
+    polar, nuclear_norm = polar_factor(masked, method)
     torch.testing.assert_close(polar, u @ vh, atol=1e-5, rtol=0)
     torch.testing.assert_close(nuclear_norm, singular_values.sum(), atol=0, rtol=1e-5)
-    if shape[0] != shape[1]:  # a rank-2 matrix: the Gram path gives its null directions no subgradient
-        low_rank = torch.outer(masked[:, 0], masked[0, :]) + torch.outer(masked[:, 1], masked[1, :])
-        polar, nuclear_norm = polar_factor(low_rank)
-        u, singular_values, vh = torch.linalg.svd(low_rank, full_matrices=False)
+    # a rank-2 matrix: every method must give a subgradient, U₂V₂ᵀ on its range plus at most a contraction on its null
+    # directions; the Gram path gives those none
+    low_rank = torch.outer(masked[:, 0], masked[0, :]) + torch.outer(masked[:, 1], masked[1, :])
+    polar, nuclear_norm = polar_factor(low_rank, method)
+    u, singular_values, vh = torch.linalg.svd(low_rank, full_matrices=False)
+    torch.testing.assert_close(u[:, :2].T @ polar @ vh[:2].T, torch.eye(2), atol=1e-4, rtol=0)
+    assert torch.linalg.matrix_norm(polar, ord=2) <= 1 + 1e-3
+    torch.testing.assert_close(nuclear_norm, singular_values.sum(), atol=0, rtol=1e-4)
+    if method == "gram" or (method == "auto" and shape[0] != shape[1]):
         torch.testing.assert_close(polar, u[:, :2] @ vh[:2], atol=1e-4, rtol=0)
-        torch.testing.assert_close(nuclear_norm, singular_values.sum(), atol=0, rtol=1e-4)
+
+
+def test_polar_factor_refuses_an_unknown_method():
+    from peft_sara.training import polar_factor
+
+    with pytest.raises(ValueError, match="newton_schulz"):
+        polar_factor(torch.ones(3, 4), "qr")
