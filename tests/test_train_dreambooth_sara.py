@@ -276,3 +276,61 @@ def test_warnings_before_the_accelerator_exists_do_not_crash(dreambooth_args, tm
     metadata_free = dreambooth_args + ["--output_dir", str(tmp_path / "out"), "--class_prompt", "a dog"]
     load_script("train_dreambooth_sara").parse_args(metadata_free)
     assert "--class_data_dir and --class_prompt are ignored without --with_prior_preservation" in caplog.text
+
+
+def pivotal_args(dreambooth_args, output):
+    args = [arg if arg != "a photo of sks dog" else "a photo of TOK dog" for arg in dreambooth_args]
+    return args + [
+        "--train_text_encoder_ti",
+        "--validation_prompt",
+        "TOK in a bucket",
+        "--learning_rate",
+        "5e-2",
+        "--output_dir",
+        str(output),
+    ]
+
+
+def test_pivotal_tuning_trains_saves_and_reloads_the_new_tokens(dreambooth_args, tiny_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from peft_sara import load_sara_weights
+
+    output = tmp_path / "sks-dog"
+    args = pivotal_args(dreambooth_args, output) + ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    load_script("train_dreambooth_sara").main(args)  # the new tokens train for half of the run: 2 steps
+    emb_file = output / "sks-dog_emb.safetensors"
+    with safe_open(emb_file, framework="pt") as handle:
+        assert list(handle.keys()) == ["clip_l"] and handle.get_tensor("clip_l").shape == (2, 32)
+        saved = handle.get_tensor("clip_l")
+    at_step_2 = load_file(output / "checkpoint-2" / "sara_token_embeddings.safetensors")["clip_l"]
+    assert torch.equal(saved, at_step_2), "the tokens stopped training after --train_text_encoder_ti_frac of the run"
+    card = (output / "README.md").read_text()
+    assert 'instance_prompt: "a photo of <s0><s1> dog"' in card and "`TOK` → `<s0><s1>`" in card
+    assert 'load_textual_inversion(state_dict["clip_l"], token=["<s0>", "<s1>"]' in card
+    assert (output / "validation" / "final-0.png").is_file(), "sampled from a pipeline that loaded the tokens"
+
+    def text_embeddings(pipeline):
+        ids = pipeline.tokenizer("<s0><s1> in a bucket", return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipeline.text_encoder(ids)[0]
+
+    def load(**kwargs):
+        pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+        load_sara_weights(pipeline, str(output), **kwargs)
+        return pipeline
+
+    one_call = load()
+    ids = one_call.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert torch.equal(one_call.text_encoder.get_input_embeddings().weight[ids], saved)
+    diffusers_calls = load(components=["unet"])  # as the model card shows: the adapters, then diffusers' own loader
+    diffusers_calls.load_textual_inversion(
+        load_file(emb_file)["clip_l"],
+        token=["<s0>", "<s1>"],
+        text_encoder=diffusers_calls.text_encoder,
+        tokenizer=diffusers_calls.tokenizer,
+    )
+    assert torch.equal(text_embeddings(diffusers_calls), text_embeddings(one_call))
+    without_tokens = load(components=["unet"])
+    assert not torch.equal(text_embeddings(without_tokens), text_embeddings(one_call))
