@@ -334,3 +334,74 @@ def test_pivotal_tuning_trains_saves_and_reloads_the_new_tokens(dreambooth_args,
     assert torch.equal(text_embeddings(diffusers_calls), text_embeddings(one_call))
     without_tokens = load(components=["unet"])
     assert not torch.equal(text_embeddings(without_tokens), text_embeddings(one_call))
+
+
+def test_pivotal_tuning_resumes_exactly(dreambooth_args, tmp_path):
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--train_text_encoder_ti_frac", "0.5"]
+    straight = tmp_path / "straight"
+    load_script("train_dreambooth_sara").main(pivotal_args(dreambooth_args, straight) + common)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # the tokens still train (until step 3)
+    args = pivotal_args(dreambooth_args, resumed) + common + ["--resume_from_checkpoint", "latest"]
+    load_script("train_dreambooth_sara").main(args)
+    expected, actual = load_file(straight / "straight_emb.safetensors"), load_file(resumed / "resumed_emb.safetensors")
+    assert torch.equal(actual["clip_l"], expected["clip_l"])
+    expected = load_file(straight / "unet" / "adapter_model.safetensors")
+    actual = load_file(resumed / "unet" / "adapter_model.safetensors")
+    for key in expected:
+        assert torch.allclose(actual[key], expected[key], atol=1e-6, rtol=0), key
+    with pytest.raises(UserInputError, match="trained with --token_abstraction TOK \\(now SKS\\)"):
+        other = [arg.replace("TOK", "SKS") for arg in pivotal_args(dreambooth_args, straight)]
+        load_script("train_dreambooth_sara").main(
+            other + common + ["--token_abstraction", "SKS", "--resume_from_checkpoint", "latest"]
+        )
+
+
+def pivotal_bad_input_cases():
+    ti = ["--train_text_encoder_ti", "--instance_prompt", "TOK"]
+    return [
+        (["--train_text_encoder_ti"], "--instance_prompt 'a photo of sks dog' does not contain the token abstraction"),
+        ([*ti, "--validation_prompt", "a dog"], "contains no token"),
+        ([*ti, "--train_text_encoder"], "not both"),
+        ([*ti, "--train_text_encoder_ti_frac", "0"], "in \\(0, 1\\]"),
+        ([*ti, "--num_new_tokens_per_abstraction", "0"], "at least"),
+        ([*ti, "--token_abstraction", "A,A"], "distinct"),
+        (["--token_abstraction", "SKS"], "--token_abstraction needs --train_text_encoder_ti"),
+        (["--train_text_encoder_frac", "0.5"], "--train_text_encoder_frac needs --train_text_encoder"),
+    ]
+
+
+def test_bad_pivotal_input_is_one_error_line_before_models_load(dreambooth_args, tmp_path):
+    script = load_script("train_dreambooth_sara")
+    for extra, message in pivotal_bad_input_cases():
+        with pytest.raises(UserInputError, match=message):
+            script.parse_args(dreambooth_args + ["--output_dir", str(tmp_path / "out")] + extra)
+    args = [*dreambooth_args, "--output_dir", str(tmp_path / "out"), "--train_text_encoder_ti"]
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / "no-model")  # nothing may load
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --instance_prompt 'a photo of sks dog' does not")
+
+
+def test_the_text_encoder_adapter_trains_for_its_share_of_the_run(dreambooth_args, tmp_path):
+    output = tmp_path / "out"
+    args = dreambooth_args + ["--output_dir", str(output), "--train_text_encoder", "--train_text_encoder_frac", "0.5"]
+    args += ["--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e-2"]
+    load_script("train_dreambooth_sara").main(args)
+    adapter = "text_encoder/adapter_model.safetensors"
+    at_step = {step: load_file(output / f"checkpoint-{step}" / adapter) for step in (1, 2)}
+    final = load_file(output / adapter)
+    values = [key for key in final if "sara_values" in key]
+    assert any(not torch.equal(at_step[1][key], at_step[2][key]) for key in values), "it trains for 2 steps"
+    assert all(torch.equal(final[key], at_step[2][key]) for key in values), "then stays as it is"
+    unet = "unet/adapter_model.safetensors"
+    assert not torch.equal(
+        *(load_file(path / unet)["base_model.model.conv_in.sara_values"] for path in (output, output / "checkpoint-2"))
+    )
