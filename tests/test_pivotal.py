@@ -140,3 +140,15 @@ def test_a_text_encoder_that_already_has_the_tokens_is_refused():
     NewTokenEmbeddings([(pipeline.tokenizer, pipeline.text_encoder)], ["<s0>"])
     with pytest.raises(ValueError, match=r"has the tokens \['<s0>'\] already"):
         NewTokenEmbeddings([(pipeline.tokenizer, tiny_clip_text_model())], ["<s0>"])
+
+
+def test_a_half_precision_text_encoder_trains_fp32_rows_and_computes_in_its_dtype():
+    pipeline = tiny_pipeline()
+    text_encoder = pipeline.text_encoder.to(torch.bfloat16)
+    new_tokens = NewTokenEmbeddings([(pipeline.tokenizer, text_encoder)], ["<s0>"])
+    assert new_tokens.parameters[0].dtype == torch.float32
+    ids = pipeline.tokenizer("a <s0> dog", return_tensors="pt").input_ids
+    hidden = text_encoder(ids)[0]  # no autocast: layer norms in bf16 refuse fp32 inputs on the CPU
+    assert hidden.dtype == torch.bfloat16
+    hidden.float().sum().backward()
+    assert new_tokens.parameters[0].grad[pipeline.tokenizer.convert_tokens_to_ids("<s0>")].abs().sum() > 0

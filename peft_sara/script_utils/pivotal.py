@@ -86,9 +86,12 @@ class _NewRows:
         self.std = existing.std()  # the spread of the existing vocabulary, before the new rows exist
         initial = torch.randn(len(tokens), existing.shape[1]) * self.std.cpu()  # as diffusers initialises them
         add_new_tokens(tokenizer, text_encoder, tokens, initial)
-        self.weight = text_encoder.get_input_embeddings().weight
+        self.weight = embedding.weight
+        dtype = self.weight.dtype
         self.weight.data = self.weight.data.float()  # trained in fp32 also when the text encoder runs in half
         self.weight.requires_grad_(True)
+        if dtype != torch.float32:  # the text encoder goes on computing in its dtype, as with a frozen embedding
+            embedding.register_forward_hook(lambda module, inputs, output: output.to(dtype))
         self.ids = torch.tensor(token_ids(tokenizer, tokens), device=self.weight.device)
         self.original = self.weight.detach().clone()
         self.std = self.std.to(self.weight.device)
