@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from typing import Any
@@ -17,11 +18,20 @@ from .config import SaRAConfig
 from .layer import SaRALayer
 from .model import check_saved_adapter, remove_sara_adapter
 from .peft_type import SARA
+from .tokens import (
+    EMBEDDINGS_FILE_SUFFIX,
+    TOKEN_EMBEDDING_KEYS,
+    add_new_tokens,
+    check_new_tokens,
+    read_token_embeddings,
+)
 
 # Written by the training scripts into every adapter file of one save (safetensors metadata): the save's id and its
 # components, so that a folder mixing two saves (a save killed half-way) is refused instead of loaded.
 SAVE_ID_KEY = "sara_save_id"
 COMPONENTS_KEY = "sara_components"
+# The token-embeddings file saved with the adapters (pivotal tuning), named in the adapter files' metadata.
+EMBEDDINGS_KEY = "sara_embeddings"
 
 # Pipeline components that training scripts adapt, in the folders they save them to.
 ADAPTABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -38,8 +48,11 @@ def _download_adapter(repo_id: str, subfolder: str, hub_kwargs: dict[str, Any]) 
     return os.path.dirname(config_file)
 
 
-def _adapter_folders(path_or_repo_id: str, components: list[str], hub_kwargs: dict[str, Any]) -> dict[str, str]:
-    """Map each component to a local folder holding its adapter, downloading from the Hub when needed.
+def _adapter_folders(
+    path_or_repo_id: str, components: list[str], hub_kwargs: dict[str, Any]
+) -> tuple[dict[str, str], bool]:
+    """Map each component to a local folder holding its adapter, downloading from the Hub when needed; and whether
+    the source is a single adapter folder rather than a training output.
 
     A source with no component subfolders but an adapter at its top level serves the first component (the denoiser).
     """
@@ -50,13 +63,13 @@ def _adapter_folders(path_or_repo_id: str, components: list[str], hub_kwargs: di
             if os.path.isfile(os.path.join(path_or_repo_id, name, CONFIG_NAME))
         }
         if not found and os.path.isfile(os.path.join(path_or_repo_id, CONFIG_NAME)):
-            found = {components[0]: path_or_repo_id}
-        return found
+            return {components[0]: path_or_repo_id}, True
+        return found, False
     found = {name: _download_adapter(path_or_repo_id, name, hub_kwargs) for name in components}
     found = {name: folder for name, folder in found.items() if folder is not None}
     if not found and (top_level := _download_adapter(path_or_repo_id, "", hub_kwargs)):
-        found = {components[0]: top_level}
-    return found
+        return {components[0]: top_level}, True
+    return found, False
 
 
 def load_sara_weights(
@@ -74,8 +87,14 @@ def load_sara_weights(
     diffusers' `set_adapters`, `disable_adapters`, `fuse_lora` and `unload_lora` work on them. `hub_kwargs`
     (`revision`, `token`, `cache_dir`, ...) go to the Hub download. Returns the names of the adapted components.
 
-    The load is all or nothing: configs, weights files and every saved update are checked before any component
-    changes, and a load refused later still leaves every component as it was, so a retry can follow.
+    A training output of pivotal tuning also holds the new tokens' embeddings (`<name>_emb.safetensors`): their
+    tokens are added to every tokenizer and text encoder (`clip_l` to `tokenizer`/`text_encoder`, `clip_g` to
+    `tokenizer_2`/`text_encoder_2`) among `components`, so that the prompts the model was trained with work as
+    they are (see `pipeline.tokenizer.get_added_vocab()`).
+
+    The load is all or nothing: configs, weights files, every saved update and the token embeddings are checked
+    before any component changes, and a load refused later still leaves every component and tokenizer as it was, so
+    a retry can follow.
     """
     available = [name for name in (components or ADAPTABLE_COMPONENTS) if getattr(pipeline, name, None) is not None]
     if not available:
@@ -84,7 +103,7 @@ def load_sara_weights(
         os.path.exists(path_or_repo_id) or path_or_repo_id.startswith((".", "/", "~"))
     ):
         raise ValueError(f"No adapter folder at {path_or_repo_id}: pass the folder a training script saved to.")
-    folders = _adapter_folders(path_or_repo_id, available, hub_kwargs)
+    folders, single_adapter = _adapter_folders(path_or_repo_id, available, hub_kwargs)
     if not folders:
         raise ValueError(
             f"Found no adapter ({CONFIG_NAME}) for the components {available} in {path_or_repo_id}: pass the output "
@@ -95,7 +114,9 @@ def load_sara_weights(
         if adapter_name in (getattr(getattr(pipeline, name), "peft_config", None) or {}):
             raise ValueError(f"{name} already has an adapter named {adapter_name!r}; pass another adapter_name.")
     weights = {name: _read_weights(name, folder, path_or_repo_id) for name, folder in folders.items()}
-    _check_one_save(folders, available, path_or_repo_id)
+    saves = _save_metadata(folders)
+    _check_one_save(saves, folders, available, path_or_repo_id)
+    new_tokens = [] if single_adapter else _read_new_tokens(pipeline, path_or_repo_id, saves, available, hub_kwargs)
     for name, state_dict in weights.items():
         try:
             check_saved_adapter(getattr(pipeline, name), state_dict)
@@ -104,6 +125,8 @@ def load_sara_weights(
     # Everything that can be checked without changing a component has been; anything failing from here on undoes
     # every component's injection, so that a retry (or the pipeline as it was) works.
     snapshots = [_ComponentSnapshot(getattr(pipeline, name)) for name in configs]
+    undo_tokens = []
+    name = "tokens"
     try:
         for name, config in configs.items():
             component = getattr(pipeline, name)
@@ -111,7 +134,12 @@ def load_sara_weights(
             inject_adapter_in_model(config, component, adapter_name=adapter_name)
             set_peft_model_state_dict(component, weights[name], adapter_name=adapter_name)
             component._hf_peft_config_loaded = True  # lets diffusers' adapter methods (set_adapters, fuse_lora) see it
+        for encoder_name, tokenizer, text_encoder, tokens, embeddings in new_tokens:
+            name = f"{encoder_name} (new tokens)"
+            undo_tokens.append(add_new_tokens(tokenizer, text_encoder, tokens, embeddings))
     except BaseException as error:
+        for undo in reversed(undo_tokens):
+            undo()
         for snapshot in snapshots:
             snapshot.restore(adapter_name)
         if isinstance(error, ValueError):
@@ -120,9 +148,84 @@ def load_sara_weights(
     return list(configs)
 
 
-def _check_one_save(folders: dict[str, str], available: list[str], source: str) -> None:
-    """Refuse components written by different saves, or a save whose other components are missing: loading them
-    would silently combine adapters that were never trained together."""
+def _read_new_tokens(
+    pipeline: Any, source: str, saves: dict[str, dict[str, str]], available: list[str], hub_kwargs: dict[str, Any]
+) -> list[tuple[str, Any, nn.Module, list[str], Any]]:
+    """The new tokens of a pivotal-tuning output, checked against the pipeline's tokenizers and text encoders:
+    (text encoder name, tokenizer, text encoder, tokens, embeddings) for each text encoder among `available`."""
+    path = _embeddings_file(source, saves, hub_kwargs)
+    if path is None:
+        return []
+    tensors, tokens, metadata = read_token_embeddings(path)
+    save_ids = {save[SAVE_ID_KEY] for save in saves.values() if SAVE_ID_KEY in save}
+    if SAVE_ID_KEY in metadata and save_ids and save_ids != {metadata[SAVE_ID_KEY]}:
+        raise ValueError(
+            f"The token embeddings {os.path.basename(path)} and the adapters in {source} are not one whole save (a "
+            "save was interrupted): save or train again."
+        )
+    wanted = {key: names for key, names in TOKEN_EMBEDDING_KEYS.items() if names[0] in available}
+    missing = sorted(set(wanted) - set(tensors))
+    absent = sorted(key for key in tensors if getattr(pipeline, TOKEN_EMBEDDING_KEYS[key][0], None) is None)
+    if missing or absent:
+        problem = (
+            f"no {missing[0]} embeddings for the pipeline's {wanted[missing[0]][0]}"
+            if missing
+            else f"{absent[0]} embeddings for a {TOKEN_EMBEDDING_KEYS[absent[0]][0]} the pipeline lacks"
+        )
+        raise ValueError(
+            f"The token embeddings {os.path.basename(path)} in {source} hold {problem}: they were trained for "
+            "another kind of pipeline (Stable Diffusion: clip_l; SDXL: clip_l and clip_g)."
+        )
+    loads = []
+    for key, (encoder_name, tokenizer_name) in wanted.items():
+        tokenizer, text_encoder = getattr(pipeline, tokenizer_name, None), getattr(pipeline, encoder_name)
+        if tokenizer is None:
+            raise ValueError(f"The pipeline has a {encoder_name} but no {tokenizer_name} for the new tokens {tokens}.")
+        try:
+            check_new_tokens(tokenizer, text_encoder, tokens, tensors[key])
+        except ValueError as error:
+            raise ValueError(f"{encoder_name}: {error}") from error
+        loads.append((encoder_name, tokenizer, text_encoder, tokens, tensors[key]))
+    return loads
+
+
+def _embeddings_file(source: str, saves: dict[str, dict[str, str]], hub_kwargs: dict[str, Any]) -> str | None:
+    """The local path of a training output's token embeddings (downloaded from the Hub when needed), or None.
+
+    The adapters of our scripts name the file in their metadata; otherwise a folder's one `*_emb.safetensors` file,
+    or on the Hub `<repo name>_emb.safetensors`, as diffusers' advanced scripts name it, is taken.
+    """
+    named = {save[EMBEDDINGS_KEY] for save in saves.values() if save.get(EMBEDDINGS_KEY)}
+    if len(named) > 1:
+        raise ValueError(f"The adapters in {source} name different token embeddings files {sorted(named)}.")
+    if os.path.isdir(source):
+        if named:
+            path = os.path.join(source, named.pop())
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"The adapters in {source} were saved with the token embeddings {os.path.basename(path)}, which "
+                    "is missing: copy it next to the adapter folders (or train again)."
+                )
+            return path
+        found = sorted(glob.glob(os.path.join(glob.escape(source), f"*{EMBEDDINGS_FILE_SUFFIX}")))
+        if len(found) > 1:
+            names = [os.path.basename(path) for path in found]
+            raise ValueError(f"{source} holds several token embeddings files {names}: keep the one trained with it.")
+        return found[0] if found else None
+    filename = named.pop() if named else f"{source.rstrip('/').split('/')[-1]}{EMBEDDINGS_FILE_SUFFIX}"
+    try:
+        return hf_hub_download(source, filename, **hub_kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        if saves and any(save.get(EMBEDDINGS_KEY) for save in saves.values()):
+            raise ValueError(
+                f"The adapters in {source} were saved with the token embeddings {filename}, which the repo lacks: "
+                "upload it next to the adapter folders."
+            ) from None
+        return None
+
+
+def _save_metadata(folders: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Each component's adapter-file metadata (which save wrote it, and what else that save wrote)."""
     from safetensors import safe_open
 
     saves = {}
@@ -130,9 +233,20 @@ def _check_one_save(folders: dict[str, str], available: list[str], source: str) 
         path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(path):
             with safe_open(path, framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            if SAVE_ID_KEY in metadata:
-                saves[name] = (metadata[SAVE_ID_KEY], metadata.get(COMPONENTS_KEY, "").split(","))
+                saves[name] = handle.metadata() or {}
+    return saves
+
+
+def _check_one_save(
+    saves: dict[str, dict[str, str]], folders: dict[str, str], available: list[str], source: str
+) -> None:
+    """Refuse components written by different saves, or a save whose other components are missing: loading them
+    would silently combine adapters that were never trained together."""
+    saves = {
+        name: (metadata[SAVE_ID_KEY], metadata.get(COMPONENTS_KEY, "").split(","))
+        for name, metadata in saves.items()
+        if SAVE_ID_KEY in metadata
+    }
     save_ids = {save_id for save_id, _ in saves.values()}
     missing = sorted(
         {component for _, listed in saves.values() for component in listed} & set(available) - set(folders)

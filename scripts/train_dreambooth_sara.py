@@ -8,8 +8,10 @@
       --resolution 512 --train_batch_size 1 --max_train_steps 800 --threshold 2e-3 \\
       --validation_prompt "a photo of sks dog in a bucket" --output_dir sks-dog
 
-The output folder holds `unet/` (and `text_encoder/` with --train_text_encoder) as PEFT adapter folders, a model
-card, and the validation images; load it with `peft_sara.load_sara_weights(pipe, output_dir)`.
+The output folder holds `unet/` (and `text_encoder/` with --train_text_encoder) as PEFT adapter folders, with
+--train_text_encoder_ti (pivotal tuning: "a photo of TOK dog" trains new tokens <s0><s1>) the new tokens'
+embeddings `<output folder name>_emb.safetensors`, a model card, and the validation images; load it all with
+`peft_sara.load_sara_weights(pipe, output_dir)`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import peft_sara
 from peft_sara.script_utils.arguments import (
     ArgumentParser,
     add_model_and_output_arguments,
+    add_pivotal_arguments,
     add_sara_arguments,
     add_training_arguments,
     add_validation_and_hub_arguments,
@@ -38,7 +41,7 @@ from peft_sara.script_utils.checkpoints import (
     register_checkpointing,
     run_settings,
 )
-from peft_sara.script_utils.checks import check_common_arguments
+from peft_sara.script_utils.checks import check_common_arguments, check_pivotal_arguments
 from peft_sara.script_utils.cli import UserInputError, get_logger, run_main
 from peft_sara.script_utils.data import (
     CachedLatents,
@@ -58,7 +61,9 @@ from peft_sara.script_utils.models import (
     weight_dtype_of,
 )
 from peft_sara.script_utils.output import SAVE_DTYPES, finish_output, lock_output_dir, save_adapters
+from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.stopping import TrainsFor
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
 logger = get_logger(__name__)
@@ -95,6 +100,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_sara_arguments(parser)
     add_training_arguments(parser)
+    add_pivotal_arguments(parser)
     add_validation_and_hub_arguments(parser)
     return parser
 
@@ -120,6 +126,15 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserInputError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
     elif args.class_data_dir or args.class_prompt:
         logger.warning("--class_data_dir and --class_prompt are ignored without --with_prior_preservation.")
+    # New Code #
+    # Pivotal tuning: TOK in the prompts stands for new tokens <s0><s1>... (a prompt without it is refused here).
+    args.new_tokens = check_pivotal_arguments(args)
+    if args.new_tokens:
+        args.instance_prompt, args.class_prompt, args.validation_prompt = (
+            insert_new_tokens(prompt, args.new_tokens)
+            for prompt in (args.instance_prompt, args.class_prompt, args.validation_prompt)
+        )
+    # End of new code #
 
 
 class DreamBoothDataset(Dataset):
@@ -220,6 +235,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.pretrained_model_name_or_path, args.revision, args.variant, args.prediction_type, weight_dtype
         )
         freeze([vae, text_encoder, unet], accelerator.device, weight_dtype)
+        # New Code #
+        # Pivotal tuning: the new tokens join the tokenizer before any prompt is tokenized; their embedding rows train.
+        new_tokens = None
+        if args.new_tokens:
+            tokens = [token for tokens in args.new_tokens.values() for token in tokens]
+            new_tokens = NewTokenEmbeddings([(tokenizer, text_encoder)], tokens)
+        # End of new code #
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
         dataset = DreamBoothDataset(
             args.instance_images, args.instance_prompt, class_images, args.class_prompt, tokenizer, transform
@@ -237,13 +259,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # 3. SaRA: an adapter that trains the weights below θ of the UNet (and text encoder); its values stay fp32.
         unet_config, text_encoder_config = sara_configs(loop.run_settings)
         add_sara_adapter(unet, unet_config, "UNet")
-        models = {"unet": unet}
+        adapted = {"unet": unet}
         if args.train_text_encoder:
             add_sara_adapter(text_encoder, text_encoder_config, "text encoder")
-            models["text_encoder"] = text_encoder
+            adapted["text_encoder"] = text_encoder
         loop.run_settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
         if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
-            load_checkpoint_adapters(models, checkpoint)
+            load_checkpoint_adapters(adapted, checkpoint)
+        models = dict(adapted)  # the models that train: with pivotal tuning, the text encoder's new rows too
+        if new_tokens is not None:
+            models["text_encoder"] = text_encoder
         learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
         # End of new code #
 
@@ -259,8 +284,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
         # New Code #
         # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
-        training = peft_sara.attach(list(models.values()), optimizer)
-        register_checkpointing(accelerator, models, training)  # checkpoints hold the adapters, not the models
+        training = peft_sara.attach([models[name] for name in adapted], optimizer)
+        # The text encoder's part trains for the first part of the run: --train_text_encoder_ti_frac (new tokens) or
+        # --train_text_encoder_frac (its adapter); every step keeps what does not train bit-exact.
+        text_encoder_states = []
+        if new_tokens is not None:
+            new_tokens.attach(optimizer, loop.run_settings["text_encoder_ti_steps"])
+            text_encoder_states.append(new_tokens)
+        if loop.run_settings.get("text_encoder_steps") is not None:
+            text_encoder_params = [p for p in models["text_encoder"].parameters() if p.requires_grad]
+            steps = loop.run_settings["text_encoder_steps"]
+            text_encoder_states.append(TrainsFor("text_encoder", text_encoder_params, steps, optimizer))
+        # checkpoints hold the adapters and the new tokens, not the models
+        register_checkpointing(accelerator, {name: models[name] for name in adapted}, training, text_encoder_states)
         # End of new code #
         if accelerator.is_main_process:
             accelerator.init_trackers(args.tracker_project_name or "sara-dreambooth", config=tracker_config(args))
@@ -279,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.noise_offset,
             args.snr_gamma,
             args.cache_latents,
+            text_encoder_trains=lambda: all(state.trains for state in text_encoder_states),
         )
 
         def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -307,15 +344,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # New Code #
-            unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+            unwrapped = {name: accelerator.unwrap_model(models[name]) for name in adapted}
             save_adapters(
                 args.output_dir,
                 unwrapped,
                 base_model=args.pretrained_model_name_or_path,
                 dtype=SAVE_DTYPES[args.save_precision],
+                token_embeddings=new_tokens.embeddings() if new_tokens else None,  # <output name>_emb.safetensors
+                tokens=new_tokens.tokens if new_tokens else (),
             )
             # End of new code #
-            finish_output(accelerator, args, validation, global_step, instance_prompt=args.instance_prompt)
+            finish_output(accelerator, args, validation, global_step, args.instance_prompt, args.new_tokens)
         accelerator.end_training()
         return Path(args.output_dir)
 

@@ -236,3 +236,140 @@ def test_an_output_folder_mixing_two_saves_is_refused(tmp_path):
     assert not any(isinstance(module, SaRALayer) for module in pipeline.unet.modules())
     assert load_sara_weights(pipeline, str(tmp_path / "first"), components=["unet"]) == ["unet"]
     assert load_sara_weights(tiny_pipeline(), str(tmp_path / "second")) == ["unet", "text_encoder"]
+
+
+def pivotal_output(folder, keys=("clip_l",), hidden=(32,), seed=0):
+    """A pivotal-tuning output as the scripts save it: a UNet adapter and two new tokens' embeddings."""
+    from peft_sara.script_utils.output import save_adapters
+
+    trained = tiny_pipeline()
+    trained.unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = {key: torch.randn(2, size, generator=generator) for key, size in zip(keys, hidden)}
+    save_adapters(str(folder), {"unet": trained.unet}, token_embeddings=embeddings, tokens=["<s0>", "<s1>"])
+    return embeddings
+
+
+def generate_with_tokens(pipeline) -> np.ndarray:
+    return pipeline(
+        "a photo of <s0><s1>",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+
+
+def test_loads_the_new_tokens_of_pivotal_tuning_and_they_change_the_images(tmp_path, monkeypatch):
+    embeddings = pivotal_output(tmp_path / "sks-dog")
+    assert (tmp_path / "sks-dog" / "sks-dog_emb.safetensors").is_file()
+    pipeline = tiny_pipeline()
+    assert load_sara_weights(pipeline, str(tmp_path / "sks-dog")) == ["unet"]
+    ids = pipeline.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert torch.equal(pipeline.text_encoder.get_input_embeddings().weight[ids], embeddings["clip_l"])
+    without_tokens = tiny_pipeline()
+    assert load_sara_weights(without_tokens, str(tmp_path / "sks-dog"), components=["unet"]) == ["unet"]
+    assert "<s0>" not in without_tokens.tokenizer.get_vocab(), "the tokens go with the text encoders"
+    assert not np.array_equal(generate_with_tokens(pipeline), generate_with_tokens(without_tokens))
+    fake_hub_repo(monkeypatch, tmp_path / "hub", "someone/sks-dog", tmp_path / "sks-dog")
+    from_hub = tiny_pipeline()
+    load_sara_weights(from_hub, "someone/sks-dog")
+    np.testing.assert_array_equal(generate_with_tokens(from_hub), generate_with_tokens(pipeline))
+
+
+def sdxl_like_pipeline():
+    """What load_sara_weights reads of an SDXL pipeline: a UNet, two tokenizers and text encoders (other widths)."""
+    import copy
+    from types import SimpleNamespace
+
+    from test_pivotal import second_text_encoder
+
+    base = tiny_pipeline()
+    return SimpleNamespace(
+        unet=base.unet,
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        tokenizer_2=copy.deepcopy(base.tokenizer),
+        text_encoder_2=second_text_encoder(),
+    )
+
+
+def test_sdxl_tokens_go_to_both_tokenizers_and_text_encoders(tmp_path):
+    embeddings = pivotal_output(tmp_path / "out", keys=("clip_l", "clip_g"), hidden=(32, 48))
+    pipeline = sdxl_like_pipeline()
+    load_sara_weights(pipeline, str(tmp_path / "out"))
+    for key, tokenizer, text_encoder in (
+        ("clip_l", pipeline.tokenizer, pipeline.text_encoder),
+        ("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2),
+    ):
+        ids = tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+        assert torch.equal(text_encoder.get_input_embeddings().weight[ids], embeddings[key])
+    with pytest.raises(ValueError, match="no clip_g embeddings for the pipeline's text_encoder_2"):
+        pivotal_output(tmp_path / "sd", keys=("clip_l",))
+        load_sara_weights(sdxl_like_pipeline(), str(tmp_path / "sd"))
+    with pytest.raises(ValueError, match="clip_g embeddings for a text_encoder_2 the pipeline lacks"):
+        load_sara_weights(tiny_pipeline(), str(tmp_path / "out"))
+
+
+def token_state(pipeline) -> dict:
+    embedding = pipeline.text_encoder.get_input_embeddings()
+    return {
+        "vocab": pipeline.tokenizer.get_vocab(),
+        "length": len(pipeline.tokenizer),
+        "ids": pipeline.tokenizer("a photo of <s0><s1>").input_ids,
+        "weight": embedding.weight.detach().clone(),
+        "rows": (embedding.num_embeddings, pipeline.text_encoder.config.vocab_size),
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "wrong-width", "tokens-present", "late-failure"])
+def test_a_refused_token_load_leaves_the_pipeline_as_it_was(tmp_path, monkeypatch, damage):
+    import peft_sara.loading
+
+    if damage == "late-failure":  # SDXL's second text encoder fails after the adapters and the first one's tokens
+        pivotal_output(tmp_path / "out", keys=("clip_l", "clip_g"), hidden=(32, 48))
+        pipeline = sdxl_like_pipeline()
+    else:
+        pivotal_output(tmp_path / "out", hidden=(16,) if damage == "wrong-width" else (32,))  # 16: another base's
+        pipeline = tiny_pipeline()
+    emb_file = tmp_path / "out" / "out_emb.safetensors"
+    message = {"truncated": "Could not read the token embeddings", "wrong-width": "hidden size 32 need embeddings"}
+    if damage == "truncated":
+        emb_file.write_bytes(emb_file.read_bytes()[:100])
+    elif damage == "tokens-present":
+        pipeline.tokenizer.add_tokens(["<s1>"])
+        message["tokens-present"] = r"has the tokens \['<s1>'\] already"
+    else:
+        calls = []
+
+        def fail_the_second_time(*args):
+            calls.append(args)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory")
+            return peft_sara.tokens.add_new_tokens(*args)
+
+        monkeypatch.setattr(peft_sara.loading, "add_new_tokens", fail_the_second_time)
+        message["late-failure"] = "out of memory"
+    outputs, state = component_state(pipeline)
+    tokens = token_state(pipeline)
+    with pytest.raises((ValueError, RuntimeError), match=message[damage]):
+        load_sara_weights(pipeline, str(tmp_path / "out"))
+    after_outputs, after_state = component_state(pipeline)
+    assert after_state == state and all(torch.equal(after_outputs[k], outputs[k]) for k in outputs)
+    after_tokens = token_state(pipeline)
+    assert torch.equal(after_tokens.pop("weight"), tokens.pop("weight")) and after_tokens == tokens
+
+
+def test_token_embeddings_of_another_save_or_missing_are_refused(tmp_path):
+    pivotal_output(tmp_path / "out", seed=0)
+    pivotal_output(tmp_path / "other", seed=1)
+    (tmp_path / "other" / "other_emb.safetensors").replace(tmp_path / "out" / "out_emb.safetensors")
+    pipeline = tiny_pipeline()
+    with pytest.raises(ValueError, match="out_emb.safetensors and the adapters .* are not one whole save"):
+        load_sara_weights(pipeline, str(tmp_path / "out"))
+    (tmp_path / "out" / "out_emb.safetensors").unlink()
+    with pytest.raises(ValueError, match="saved with the token embeddings out_emb.safetensors, which is missing"):
+        load_sara_weights(pipeline, str(tmp_path / "out"))
+    assert not any(isinstance(module, SaRALayer) for module in pipeline.unet.modules())
+    assert "<s0>" not in pipeline.tokenizer.get_vocab()

@@ -276,3 +276,132 @@ def test_warnings_before_the_accelerator_exists_do_not_crash(dreambooth_args, tm
     metadata_free = dreambooth_args + ["--output_dir", str(tmp_path / "out"), "--class_prompt", "a dog"]
     load_script("train_dreambooth_sara").parse_args(metadata_free)
     assert "--class_data_dir and --class_prompt are ignored without --with_prior_preservation" in caplog.text
+
+
+def pivotal_args(dreambooth_args, output):
+    args = [arg if arg != "a photo of sks dog" else "a photo of TOK dog" for arg in dreambooth_args]
+    return args + [
+        "--train_text_encoder_ti",
+        "--validation_prompt",
+        "TOK in a bucket",
+        "--learning_rate",
+        "5e-2",
+        "--output_dir",
+        str(output),
+    ]
+
+
+def test_pivotal_tuning_trains_saves_and_reloads_the_new_tokens(dreambooth_args, tiny_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from peft_sara import load_sara_weights
+
+    output = tmp_path / "sks-dog"
+    args = pivotal_args(dreambooth_args, output) + ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    load_script("train_dreambooth_sara").main(args)  # the new tokens train for half of the run: 2 steps
+    emb_file = output / "sks-dog_emb.safetensors"
+    with safe_open(emb_file, framework="pt") as handle:
+        assert list(handle.keys()) == ["clip_l"] and handle.get_tensor("clip_l").shape == (2, 32)
+        saved = handle.get_tensor("clip_l")
+    at_step_2 = load_file(output / "checkpoint-2" / "sara_token_embeddings.safetensors")["clip_l"]
+    assert torch.equal(saved, at_step_2), "the tokens stopped training after --train_text_encoder_ti_frac of the run"
+    card = (output / "README.md").read_text()
+    assert 'instance_prompt: "a photo of <s0><s1> dog"' in card and "`TOK` → `<s0><s1>`" in card
+    assert 'load_textual_inversion(state_dict["clip_l"], token=["<s0>", "<s1>"]' in card
+    assert (output / "validation" / "final-0.png").is_file(), "sampled from a pipeline that loaded the tokens"
+
+    def text_embeddings(pipeline):
+        ids = pipeline.tokenizer("<s0><s1> in a bucket", return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipeline.text_encoder(ids)[0]
+
+    def load(**kwargs):
+        pipeline = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+        load_sara_weights(pipeline, str(output), **kwargs)
+        return pipeline
+
+    one_call = load()
+    ids = one_call.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert torch.equal(one_call.text_encoder.get_input_embeddings().weight[ids], saved)
+    diffusers_calls = load(components=["unet"])  # as the model card shows: the adapters, then diffusers' own loader
+    diffusers_calls.load_textual_inversion(
+        load_file(emb_file)["clip_l"],
+        token=["<s0>", "<s1>"],
+        text_encoder=diffusers_calls.text_encoder,
+        tokenizer=diffusers_calls.tokenizer,
+    )
+    assert torch.equal(text_embeddings(diffusers_calls), text_embeddings(one_call))
+    without_tokens = load(components=["unet"])
+    assert not torch.equal(text_embeddings(without_tokens), text_embeddings(one_call))
+
+
+def test_pivotal_tuning_resumes_exactly(dreambooth_args, tmp_path):
+    common = ["--max_train_steps", "6", "--checkpointing_steps", "2", "--train_text_encoder_ti_frac", "0.5"]
+    straight = tmp_path / "straight"
+    load_script("train_dreambooth_sara").main(pivotal_args(dreambooth_args, straight) + common)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")  # the tokens still train (until step 3)
+    args = pivotal_args(dreambooth_args, resumed) + common + ["--resume_from_checkpoint", "latest"]
+    load_script("train_dreambooth_sara").main(args)
+    expected, actual = load_file(straight / "straight_emb.safetensors"), load_file(resumed / "resumed_emb.safetensors")
+    assert torch.equal(actual["clip_l"], expected["clip_l"])
+    expected = load_file(straight / "unet" / "adapter_model.safetensors")
+    actual = load_file(resumed / "unet" / "adapter_model.safetensors")
+    for key in expected:
+        assert torch.allclose(actual[key], expected[key], atol=1e-6, rtol=0), key
+    with pytest.raises(UserInputError, match="trained with --token_abstraction TOK \\(now SKS\\)"):
+        other = [arg.replace("TOK", "SKS") for arg in pivotal_args(dreambooth_args, straight)]
+        load_script("train_dreambooth_sara").main(
+            other + common + ["--token_abstraction", "SKS", "--resume_from_checkpoint", "latest"]
+        )
+
+
+def pivotal_bad_input_cases():
+    ti = ["--train_text_encoder_ti", "--instance_prompt", "TOK"]
+    return [
+        (["--train_text_encoder_ti"], "--instance_prompt 'a photo of sks dog' does not contain the token abstraction"),
+        ([*ti, "--validation_prompt", "a dog"], "contains no token"),
+        ([*ti, "--train_text_encoder"], "not both"),
+        ([*ti, "--train_text_encoder_ti_frac", "0"], "in \\(0, 1\\]"),
+        ([*ti, "--num_new_tokens_per_abstraction", "0"], "at least"),
+        ([*ti, "--token_abstraction", "A,A"], "distinct"),
+        (["--token_abstraction", "SKS"], "--token_abstraction needs --train_text_encoder_ti"),
+        (["--train_text_encoder_frac", "0.5"], "--train_text_encoder_frac needs --train_text_encoder"),
+    ]
+
+
+def test_bad_pivotal_input_is_one_error_line_before_models_load(dreambooth_args, tmp_path):
+    script = load_script("train_dreambooth_sara")
+    for extra, message in pivotal_bad_input_cases():
+        with pytest.raises(UserInputError, match=message):
+            script.parse_args(dreambooth_args + ["--output_dir", str(tmp_path / "out")] + extra)
+    args = [*dreambooth_args, "--output_dir", str(tmp_path / "out"), "--train_text_encoder_ti"]
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / "no-model")  # nothing may load
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --instance_prompt 'a photo of sks dog' does not")
+
+
+def test_the_text_encoder_adapter_trains_for_its_share_of_the_run(dreambooth_args, tmp_path):
+    output = tmp_path / "out"
+    args = dreambooth_args + ["--output_dir", str(output), "--train_text_encoder", "--train_text_encoder_frac", "0.5"]
+    args += ["--max_train_steps", "4", "--checkpointing_steps", "1", "--learning_rate", "1e-2"]
+    load_script("train_dreambooth_sara").main(args)
+    adapter = "text_encoder/adapter_model.safetensors"
+    at_step = {step: load_file(output / f"checkpoint-{step}" / adapter) for step in (1, 2)}
+    final = load_file(output / adapter)
+    values = [key for key in final if "sara_values" in key]
+    assert any(not torch.equal(at_step[1][key], at_step[2][key]) for key in values), "it trains for 2 steps"
+    assert all(torch.equal(final[key], at_step[2][key]) for key in values), "then stays as it is"
+    unet = "unet/adapter_model.safetensors"
+    assert not torch.equal(
+        *(load_file(path / unet)["base_model.model.conv_in.sara_values"] for path in (output, output / "checkpoint-2"))
+    )

@@ -164,6 +164,42 @@ def add_sara_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:
+    """Pivotal tuning and the text encoder's share of the run: the flags of diffusers' advanced DreamBooth scripts."""
+    group = parser.add_argument_group("pivotal tuning (new tokens)")
+    group.add_argument(
+        "--train_text_encoder_ti",
+        action="store_true",
+        help="Pivotal tuning: --token_abstraction in the prompts becomes new tokens <s0><s1>... whose embeddings "
+        "train with the adapters (textual inversion); not with --train_text_encoder, as in diffusers.",
+    )
+    group.add_argument(
+        "--token_abstraction",
+        type=str,
+        default="TOK",
+        help='Identifier of the subject in the prompts, e.g. "a photo of TOK dog"; several: "TOK,STYLE".',
+    )
+    group.add_argument(
+        "--num_new_tokens_per_abstraction",
+        type=int,
+        default=2,
+        help="New tokens per identifier: TOK becomes <s0><s1> with 2.",
+    )
+    group.add_argument(
+        "--train_text_encoder_ti_frac",
+        type=float,
+        default=0.5,
+        help="Share of the run's optimizer steps during which the new tokens train (then they stay as they are).",
+    )
+    group.add_argument(
+        "--train_text_encoder_frac",
+        type=float,
+        default=1.0,
+        help="With --train_text_encoder: share of the run's optimizer steps during which the text encoder's adapter "
+        "trains.",
+    )
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     group.add_argument(

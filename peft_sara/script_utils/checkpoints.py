@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -141,12 +142,26 @@ def save_checkpoint(
     return final
 
 
-def register_checkpointing(accelerator, models: dict[str, torch.nn.Module], training: SaRATraining) -> None:
-    """Make accelerate's save_state/load_state store the SaRA adapters (PEFT folders) and SaRA's training state
-    (safetensors), not the whole models and no pickle. `models` maps a subfolder name to a (prepared) model.
+class CheckpointedState(Protocol):
+    """More state of a run that its checkpoints hold (the new tokens of pivotal tuning, a text encoder's schedule)."""
 
-    Loading restores SaRA's training state only: a resumed run has loaded the checkpoint's adapters already, with
-    `load_checkpoint_adapters`, before its optimizer was made from them.
+    def save_state(self, folder: Path) -> None: ...
+
+    def load_state(self, folder: Path) -> None: ...
+
+
+def register_checkpointing(
+    accelerator,
+    models: dict[str, torch.nn.Module],
+    training: SaRATraining,
+    states: Sequence[CheckpointedState] = (),
+) -> None:
+    """Make accelerate's save_state/load_state store the SaRA adapters (PEFT folders), SaRA's training state
+    (safetensors) and the run's other `states`, not the whole models and no pickle. `models` maps a subfolder name
+    to a (prepared) model with a SaRA adapter.
+
+    Loading restores SaRA's training state and the `states` only: a resumed run has loaded the checkpoint's adapters
+    already, with `load_checkpoint_adapters`, before its optimizer was made from them.
     """
 
     def save_hook(hook_models, weights, output_dir):
@@ -154,10 +169,14 @@ def register_checkpointing(accelerator, models: dict[str, torch.nn.Module], trai
             unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
             save_adapters(output_dir, unwrapped)
             save_training_state(training, Path(output_dir) / TRAINING_STATE_NAME)
+            for state in states:
+                state.save_state(Path(output_dir))
         weights.clear()  # the adapters are saved above; accelerate must not write the full models
 
     def load_hook(hook_models, input_dir):
         load_training_state(training, Path(input_dir) / TRAINING_STATE_NAME)
+        for state in states:
+            state.load_state(Path(input_dir))
         hook_models.clear()  # accelerate must not load whole models
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -212,7 +231,16 @@ def load_training_state(training: SaRATraining, path: Path) -> None:
 def compare_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse a resume whose trainable selection differs from the checkpoint's; warn about settings whose change makes
     the result differ from an uninterrupted run's."""
-    selection = ("threshold", "target_fraction", "include_bias", "train_text_encoder", "text_encoder_threshold")
+    selection = (
+        "threshold",
+        "target_fraction",
+        "include_bias",
+        "train_text_encoder",
+        "text_encoder_threshold",
+        "train_text_encoder_ti",
+        "token_abstraction",
+        "num_new_tokens_per_abstraction",
+    )
     changed = {key for key in saved if key in current and saved[key] != current[key]}
     refused = [key for key in selection if key in changed]
     if refused:
@@ -221,13 +249,27 @@ def compare_run_settings(saved: dict[str, Any], current: dict[str, Any]) -> None
             f"The checkpoint was trained with {details}: a resumed run must train the same weights. Resume with the "
             "checkpoint's values, or start a new run in another --output_dir."
         )
-    others = sorted(changed - {"max_train_steps", "progressive_step"})
+    others = sorted(changed - {"max_train_steps", *STEP_SETTINGS})
     if others:
         logger.warning(
             "Resuming with settings that differ from the checkpoint's (%s): the result will differ from an "
             "uninterrupted run's.",
             ", ".join(f"{key} {saved[key]} -> {current[key]}" for key in others),
         )
+
+
+# Settings that are optimizer steps, and the flags that ask for them: a resumed run keeps the checkpoint's unless a
+# flag asks for another.
+STEP_SETTINGS = {
+    "progressive_step": {"progressive_step", "no_progressive"},
+    "text_encoder_ti_steps": {"train_text_encoder_ti_frac"},
+    "text_encoder_steps": {"train_text_encoder_frac"},
+}
+
+
+def _share_of_run(fraction: float, max_train_steps: int) -> int | None:
+    """Optimizer steps in the first `fraction` of the run (at least one); None for the whole run, however long."""
+    return None if fraction >= 1 else max(1, int(fraction * max_train_steps))
 
 
 def run_settings(args, accelerator, max_train_steps: int, checkpoint: Path | None = None) -> dict[str, Any]:
@@ -252,6 +294,7 @@ def run_settings(args, accelerator, max_train_steps: int, checkpoint: Path | Non
         "include_bias": args.include_bias,
         "train_text_encoder": args.train_text_encoder,
         "text_encoder_threshold": args.text_encoder_threshold,
+        "train_text_encoder_ti": getattr(args, "train_text_encoder_ti", False),
         "lambda_rank": args.lambda_rank,
         "progressive_step": progressive_step,
         "seed": args.seed,
@@ -261,6 +304,12 @@ def run_settings(args, accelerator, max_train_steps: int, checkpoint: Path | Non
         "mixed_precision": accelerator.mixed_precision,
         "max_train_steps": max_train_steps,
     }
+    if settings["train_text_encoder_ti"]:
+        settings["token_abstraction"] = args.token_abstraction
+        settings["num_new_tokens_per_abstraction"] = args.num_new_tokens_per_abstraction
+        settings["text_encoder_ti_steps"] = _share_of_run(args.train_text_encoder_ti_frac, max_train_steps)
+    if args.train_text_encoder and hasattr(args, "train_text_encoder_frac"):
+        settings["text_encoder_steps"] = _share_of_run(args.train_text_encoder_frac, max_train_steps)
     if checkpoint is None:
         return settings
     return resume_settings(read_run_settings(checkpoint), settings, args.explicit)
@@ -270,14 +319,13 @@ def resume_settings(saved: dict[str, Any], current: dict[str, Any], explicit: se
     """The settings of a resumed run: the checkpoint's selection and θ (or a refusal when the flags ask for another),
     the checkpoint's progressive step unless one is asked for, a warning for anything else that differs."""
     settings = dict(current)
-    if not explicit & {"progressive_step", "no_progressive"}:
-        settings["progressive_step"] = saved["progressive_step"]
-    elif saved["progressive_step"] != settings["progressive_step"]:
-        logger.warning(
-            "The checkpoint's progressive step was %s; this run uses %s as asked.",
-            saved["progressive_step"],
-            settings["progressive_step"],
-        )
+    for key, flags in STEP_SETTINGS.items():
+        if key not in saved or key not in settings:
+            continue
+        if not explicit & flags:
+            settings[key] = saved[key]
+        elif saved[key] != settings[key]:
+            logger.warning("The checkpoint's %s was %s; this run uses %s as asked.", key, saved[key], settings[key])
     compare_run_settings(saved, settings)
     settings["unet_threshold"] = saved["unet_threshold"]
     return settings

@@ -12,6 +12,7 @@ from ..config import SaRAConfig
 from .arguments import DEFAULT_THRESHOLD
 from .checkpoints import checkpoint_folders, parse_checkpoint_name, resolve_checkpoint_path
 from .cli import UserInputError
+from .pivotal import check_pivotal_prompts, new_tokens_by_abstraction
 
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "comet_ml": ("comet_ml",)}
 
@@ -131,6 +132,37 @@ def _check_sara_flags(args: argparse.Namespace) -> None:
             raise UserInputError(f"--text_encoder_threshold: {error}") from error
     if args.text_encoder_threshold is not None and not args.train_text_encoder:
         raise UserInputError("--text_encoder_threshold needs --train_text_encoder.")
+
+
+def check_pivotal_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """Refuse bad pivotal-tuning flags; the new tokens of each abstraction with --train_text_encoder_ti, else None.
+
+    --train_text_encoder_ti and --train_text_encoder exclude each other, as in diffusers' advanced scripts: the text
+    encoder trains either its new tokens' embeddings or its SaRA adapter.
+    """
+    for flag in ("train_text_encoder_ti_frac", "train_text_encoder_frac"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise UserInputError(f"--{flag} must be a share of the run in (0, 1], got {value}.")
+    if "train_text_encoder_frac" in args.explicit and not args.train_text_encoder:
+        raise UserInputError("--train_text_encoder_frac needs --train_text_encoder.")
+    if not args.train_text_encoder_ti:
+        ti_flags = args.explicit & {
+            "token_abstraction",
+            "num_new_tokens_per_abstraction",
+            "train_text_encoder_ti_frac",
+        }
+        if ti_flags:
+            raise UserInputError(f"--{sorted(ti_flags)[0]} needs --train_text_encoder_ti.")
+        return None
+    if args.train_text_encoder:
+        raise UserInputError(
+            "Give either --train_text_encoder (a SaRA adapter on the text encoder) or --train_text_encoder_ti (new "
+            "tokens' embeddings), not both, as in diffusers' advanced DreamBooth scripts."
+        )
+    new_tokens = new_tokens_by_abstraction(args.token_abstraction, args.num_new_tokens_per_abstraction)
+    check_pivotal_prompts(new_tokens, args.instance_prompt or "", args.validation_prompt)
+    return new_tokens
 
 
 def _check_output_dir_writable(output_dir: str) -> None:

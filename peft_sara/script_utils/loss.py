@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .cli import UserInputError
@@ -63,14 +65,18 @@ class DenoisingLoss:
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
         cached_latents: bool = False,
+        text_encoder_trains: Callable[[], bool] | None = None,
     ) -> None:
         self.vae, self.text_encoder, self.unet, self.noise_scheduler = vae, text_encoder, unet, noise_scheduler
         self.weight_dtype, self.noise_offset, self.snr_gamma = weight_dtype, noise_offset, snr_gamma
         self.cached_latents = cached_latents
+        # once the text encoder's trained part stops (--train_text_encoder(_ti)_frac), it runs without gradients
+        self.text_encoder_trains = text_encoder_trains or (lambda: True)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         latents = encode_latents(self.vae, batch["pixel_values"], self.cached_latents, self.weight_dtype)
         noisy_latents, timesteps, target = diffusion_targets(self.noise_scheduler, latents, self.noise_offset)
-        text_embeddings = self.text_encoder(batch["input_ids"])[0]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains()):
+            text_embeddings = self.text_encoder(batch["input_ids"])[0]
         prediction = self.unet(noisy_latents, timesteps, text_embeddings).sample
         return per_sample_loss(prediction, target, self.noise_scheduler, timesteps, self.snr_gamma)

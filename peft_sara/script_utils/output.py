@@ -8,13 +8,15 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from ..loading import COMPONENTS_KEY, SAVE_ID_KEY
+from ..loading import COMPONENTS_KEY, EMBEDDINGS_KEY, SAVE_ID_KEY
+from ..tokens import TOKENS_KEY
 from .cli import UserInputError, is_main_process
+from .pivotal import embeddings_file_name
 
 try:
     import fcntl
@@ -62,8 +64,12 @@ def save_adapters(
     components: dict[str, torch.nn.Module],
     base_model: str | None = None,
     dtype: torch.dtype = torch.float32,
+    token_embeddings: dict[str, torch.Tensor] | None = None,
+    tokens: Sequence[str] = (),
 ) -> None:
-    """Write each component's SaRA adapter as a standard PEFT adapter folder output_dir/<component>/.
+    """Write each component's SaRA adapter as a standard PEFT adapter folder output_dir/<component>/, and with
+    pivotal tuning the new `tokens`' `token_embeddings` (by key: `clip_l`, `clip_g`) as
+    output_dir/<output folder name>_emb.safetensors, in fp32 (they are small).
 
     The keys carry PEFT's `base_model.model.` prefix, as `PeftModel.save_pretrained` writes them, so the folder loads
     with `PeftModel.from_pretrained` as well as into a plain diffusers or transformers model. Nothing is written when
@@ -89,6 +95,15 @@ def save_adapters(
             )
         state_dicts[name] = state_dict
     metadata = {"format": "pt", SAVE_ID_KEY: uuid.uuid4().hex, COMPONENTS_KEY: ",".join(components)}
+    if token_embeddings:
+        metadata[EMBEDDINGS_KEY] = embeddings_file_name(output_dir)
+        target = Path(output_dir) / metadata[EMBEDDINGS_KEY]
+        staging = target.with_name(f"{target.name}.tmp")
+        tensors = {key: tensor.detach().float().cpu().contiguous() for key, tensor in token_embeddings.items()}
+        token_metadata = {"format": "pt", SAVE_ID_KEY: metadata[SAVE_ID_KEY], TOKENS_KEY: json.dumps(list(tokens))}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(staging), metadata=token_metadata)
+        os.replace(staging, target)
     for name, state_dict in state_dicts.items():
         folder = Path(output_dir) / name
         staging, doomed = folder.with_name(f"{name}.unfinished"), folder.with_name(f"{name}.deleting")
@@ -113,8 +128,12 @@ def write_model_card(
     train_text_encoder: bool,
     instance_prompt: str | None = None,
     validation_prompt: str | None = None,
+    new_tokens: dict[str, list[str]] | None = None,
+    embeddings_file: str | None = None,
+    embedding_keys: Sequence[str] = ("clip_l",),
 ) -> Path:
-    """README.md with the Hub's metadata (library, base model, tags), how to load the adapter, and the images."""
+    """README.md with the Hub's metadata (library, base model, tags), how to load the adapter (and the new tokens of
+    pivotal tuning, `new_tokens` by abstraction, saved in `embeddings_file` under `embedding_keys`), and the images."""
     tags = ["sara", "peft", "diffusers", "text-to-image"] + (["dreambooth"] if instance_prompt else [])
     front_matter = ["---", "library_name: peft", f"base_model: {base_model}", "tags:"] + [f"- {tag}" for tag in tags]
     if instance_prompt:
@@ -146,7 +165,7 @@ image = pipe({json.dumps(instance_prompt or validation_prompt or "a photo")}).im
 
 The folders `unet/`{" and `text_encoder/`" if train_text_encoder else ""} are standard PEFT adapters:
 `PeftModel.from_pretrained(unet, "{repo_id}", subfolder="unet")` works too, after `import peft_sara`.
-{
+{_new_tokens_section(repo_id, new_tokens, embeddings_file, embedding_keys) if new_tokens else ""}{
         ""
         if not validation_prompt
         else f'''
@@ -160,6 +179,41 @@ Prompt: `{validation_prompt}`
     path = Path(output_dir) / "README.md"
     path.write_text("\n".join(front_matter) + "\n" + body, encoding="utf-8")
     return path
+
+
+def _new_tokens_section(
+    repo_id: str, new_tokens: dict[str, list[str]], embeddings_file: str, embedding_keys: Sequence[str]
+) -> str:
+    """How to prompt with the new tokens of pivotal tuning, and how to load them with diffusers' own calls."""
+    triggers = "\n".join(f"- `{abstraction}` → `{''.join(tokens)}`" for abstraction, tokens in new_tokens.items())
+    all_tokens = [token for tokens in new_tokens.values() for token in tokens]
+    suffixes = {"clip_l": "", "clip_g": "_2"}
+    calls = "\n".join(
+        f'pipe.load_textual_inversion(state_dict["{key}"], token={json.dumps(all_tokens)}, '
+        f"text_encoder=pipe.text_encoder{suffixes[key]}, tokenizer=pipe.tokenizer{suffixes[key]})"
+        for key in embedding_keys
+    )
+    return f"""
+## New tokens (pivotal tuning)
+
+The embeddings of new tokens were trained with the adapters; write them in the prompt where the training prompts
+had the identifier:
+
+{triggers}
+
+`load_sara_weights` above adds them to the tokenizer{"s" if len(embedding_keys) > 1 else ""} and text encoder{
+        "s" if len(embedding_keys) > 1 else ""
+    } with the adapters. With diffusers' own textual-inversion loader instead (the file `{embeddings_file}`):
+
+```python
+from huggingface_hub import hf_hub_download
+from safetensors.torch import load_file
+
+peft_sara.load_sara_weights(pipe, "{repo_id}", components=["unet"])  # the adapters without the tokens
+state_dict = load_file(hf_hub_download("{repo_id}", "{embeddings_file}"))
+{calls}
+```
+"""
 
 
 def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
@@ -177,7 +231,15 @@ def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
     return repo_id
 
 
-def finish_output(accelerator, args, validation, step: int, instance_prompt: str | None = None) -> None:
+def finish_output(
+    accelerator,
+    args,
+    validation,
+    step: int,
+    instance_prompt: str | None = None,
+    new_tokens: dict[str, list[str]] | None = None,
+    embedding_keys: Sequence[str] = ("clip_l",),
+) -> None:
     """After the adapters are saved: final images from a fresh pipeline loaded with them, model card, Hub upload."""
     from .validation import final_validation
 
@@ -193,6 +255,9 @@ def finish_output(accelerator, args, validation, step: int, instance_prompt: str
         args.train_text_encoder,
         instance_prompt=instance_prompt,
         validation_prompt=validation.prompt,
+        new_tokens=new_tokens,
+        embeddings_file=embeddings_file_name(args.output_dir),
+        embedding_keys=embedding_keys,
     )
     if args.push_to_hub:
         push_output_to_hub(args.output_dir, repo_id, args.hub_token)
