@@ -48,17 +48,20 @@ def polar_factor(matrix: torch.Tensor, method: str = "auto") -> tuple[torch.Tens
     """
     if method not in POLAR_METHODS:
         raise ValueError(f"unknown polar factor method {method!r}: choose one of {POLAR_METHODS}")
-    rows, columns = matrix.shape
     if method == "auto":
-        if matrix.device.type != "cpu":
-            method = "newton_schulz"
-        else:
-            method = "gram" if max(rows, columns) >= 2 * min(rows, columns) else "svd"
+        method = auto_polar_method(matrix.shape, matrix.device.type)
     if method == "svd":
         u, singular_values, vh = torch.linalg.svd(matrix, full_matrices=False)
         return u @ vh, singular_values.sum()
     polar = _gram_polar(matrix) if method == "gram" else _newton_schulz_polar(matrix)
     return polar, (polar * matrix).sum()
+
+
+def auto_polar_method(shape: tuple[int, int], device_type: str) -> str:
+    """The method `polar_factor(method="auto")` uses for a matrix of this shape on this kind of device."""
+    if device_type != "cpu":
+        return "newton_schulz"
+    return "gram" if max(shape) >= 2 * min(shape) else "svd"
 
 
 def _gram_polar(matrix: torch.Tensor) -> torch.Tensor:
