@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..loading import COMPONENTS_KEY, SAVE_ID_KEY
-from .cli import UserInputError, is_main_process
+from .cli import UserInputError, get_logger, is_main_process
 
 try:
     import fcntl
@@ -177,10 +177,24 @@ def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
     return repo_id
 
 
+LORA_EXPORT_DIR = "lora"
+
+
+def export_run_as_lora(output_dir: str, rank: int | float) -> None:
+    """--export_lora_rank: the adapters just saved, as a LoRA in output_dir/lora/ for `pipe.load_lora_weights`."""
+    from ..export import export_lora
+
+    result = export_lora(output_dir, Path(output_dir) / LORA_EXPORT_DIR, rank=rank)
+    get_logger(__name__).info("%s", result)
+
+
 def finish_output(accelerator, args, validation, step: int, instance_prompt: str | None = None) -> None:
-    """After the adapters are saved: final images from a fresh pipeline loaded with them, model card, Hub upload."""
+    """After the adapters are saved: their LoRA export if asked for, final images from a fresh pipeline loaded with
+    them, model card, Hub upload."""
     from .validation import final_validation
 
+    if args.export_lora_rank is not None:
+        export_run_as_lora(args.output_dir, args.export_lora_rank)
     images = final_validation(
         accelerator, args.pretrained_model_name_or_path, args.revision, args.variant, args.output_dir, validation, step
     )
