@@ -323,10 +323,12 @@ def _kohya_name(component: str, module: str, sdxl: bool) -> str:
     if component == "unet":
         prefix = "lora_unet"
         module = KOHYA_MODULE_NAMES.get(module, module)
-    elif component == "text_encoder":
-        prefix = "lora_te1" if sdxl else "lora_te"  # kohya's SD 1.x/2.x files say lora_te, its SDXL files lora_te1
     else:
-        prefix = "lora_te2"
+        # kohya's SD 1.x/2.x files say lora_te, its SDXL files lora_te1 and lora_te2
+        prefix = "lora_te2" if component == "text_encoder_2" else "lora_te1" if sdxl else "lora_te"
+        if not module.startswith(("text_model.", "text_projection")):
+            # transformers 5 dropped CLIPTextModel's text_model level; the tools' names keep it (diffusers strips it)
+            module = f"text_model.{module}"
     return f"{prefix}_{module.replace('.', '_')}"
 
 
