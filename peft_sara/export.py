@@ -162,7 +162,8 @@ def export_lora(
     for component, folder in folders.items():
         _read_config(component, str(folder), str(source))  # refuses other PEFT methods and invalid configs
         weights[component] = _read_weights(component, str(folder), str(source))
-    _check_one_save({c: str(f) for c, f in folders.items()}, list(folders), str(source))
+    if folders != {component: source for component in folders}:  # a run's folder must hold one whole save
+        _check_one_save({c: str(f) for c, f in folders.items()}, list(ADAPTABLE_COMPONENTS), str(source))
     decoded, left_out = {}, []
     for component, state_dict in weights.items():
         try:

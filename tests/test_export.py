@@ -225,3 +225,21 @@ def test_diffusers_metadata_sets_scale_one_for_every_rank(trained_output, tmp_pa
     assert metadata["unet.r"] == metadata["unet.lora_alpha"]
     assert metadata["unet.rank_pattern"] == metadata["unet.alpha_pattern"]
     assert all(metadata["unet.rank_pattern"].get(module, metadata["unet.r"]) == r for module, r in ranks.items())
+
+
+def test_a_run_folder_missing_part_of_its_save_is_refused(tmp_path):
+    import shutil
+
+    from peft_sara.script_utils.output import save_adapters
+
+    pipeline = tiny_pipeline()
+    models = {
+        "unet": get_peft_model(pipeline.unet, SaRAConfig(threshold=0.02, init_weights=False)),
+        "text_encoder": get_peft_model(pipeline.text_encoder, SaRAConfig(target_fraction=0.05, init_weights=False)),
+    }
+    save_adapters(str(tmp_path / "run"), models)
+    assert export_lora(tmp_path / "run", tmp_path / "lora", rank=2).layers
+    shutil.rmtree(tmp_path / "run" / "text_encoder")
+    with pytest.raises(ValueError, match=r"not one whole save \(text_encoder missing\)"):
+        export_lora(tmp_path / "run", tmp_path / "lora", rank=2)
+    assert export_lora(tmp_path / "run" / "unet", tmp_path / "lora", rank=2).layers  # one adapter folder, on purpose
