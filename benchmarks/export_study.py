@@ -5,7 +5,7 @@ exports it with `peft_sara.export_lora` at several ranks, loads each export with
 fresh copy of the demo base, and draws the same seeds as the SaRA pipeline. It writes a grid (one row per model) and a
 JSON file of the figures, and prints them as a Markdown table. From the repository root:
 
-    python -m benchmarks.export_study   # 13 minutes on 2 CPU cores shared with other jobs, once the demo adapter exists
+    python -m benchmarks.export_study   # 13 minutes on 2 CPU cores shared with other jobs, given the demo adapter
 """
 
 from __future__ import annotations

@@ -195,35 +195,9 @@ def export_lora(
             factors[component, module] = down, up
     if not layers:
         raise ValueError(f"Every update of the SaRA adapter in {source} is zero: there is nothing to export.")
-    tensors = {}
-    if format == "diffusers":
-        for (component, module), (down, up) in factors.items():
-            tensors[f"{component}.{module}.lora_A.weight"] = down.to(dtype)
-            tensors[f"{component}.{module}.lora_B.weight"] = up.to(dtype)
-    else:
-        # One alpha for every layer: loaders scale each layer by alpha / its rank, and diffusers' kohya loader drops
-        # the per-layer alphas of attention layers, so a layer whose rank differs carries r / alpha in its factors.
-        alpha = _most_common(layer.rank for layer in layers)
-        for layer in layers:
-            down, up = factors[layer.component, layer.module]
-            correction = math.sqrt(layer.rank / alpha)
-            key = _kohya_name(layer.component, layer.module, sdxl)
-            tensors[f"{key}.lora_down.weight"] = (down * correction).to(dtype)
-            tensors[f"{key}.lora_up.weight"] = (up * correction).to(dtype)
-            tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
-
     output_dir.mkdir(parents=True, exist_ok=True)
-    if format == "diffusers":
-        path = output_dir / DIFFUSERS_WEIGHT_NAME
-        metadata = {"lora_adapter_metadata": json.dumps(_lora_configs(layers), sort_keys=True)}
-    else:
-        path = output_dir / f"{name}.safetensors"
-        dims = {layer.rank for layer in layers}
-        metadata = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(dims.pop()) if len(dims) == 1 else "Dynamic",
-            "ss_network_alpha": str(alpha),
-        }
+    path = output_dir / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else f"{name}.safetensors")
+    tensors, metadata = _lora_file_contents(layers, factors, format, sdxl, dtype)
     metadata.update(format="pt", sara_export=json.dumps({"source": name, "rank": rank}))
     _write_atomically(path, lambda staging: _save(tensors, staging, metadata))
     result = LoraExport(path, format, rank, layers, path.stat().st_size, left_out=left_out, zero_updates=zero_updates)
@@ -317,6 +291,35 @@ def _low_rank_factors(update, rank: int | float):
     if len(shape) == 4:
         up = up.reshape(shape[0], kept, 1, 1)
     return down, up.contiguous(), kept, full_rank, energy, energy_kept
+
+
+def _lora_file_contents(
+    layers: list[LayerExport], factors: dict, format: str, sdxl: bool, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The LoRA file's tensors and metadata in `format`, every layer at scale 1."""
+    tensors = {}
+    if format == "diffusers":
+        for (component, module), (down, up) in factors.items():
+            tensors[f"{component}.{module}.lora_A.weight"] = down.to(dtype)
+            tensors[f"{component}.{module}.lora_B.weight"] = up.to(dtype)
+        return tensors, {"lora_adapter_metadata": json.dumps(_lora_configs(layers), sort_keys=True)}
+    # One alpha for every layer: loaders scale each layer by alpha / its rank, and diffusers' kohya loader drops the
+    # per-layer alphas of attention layers, so a layer whose rank differs carries rank / alpha in its factors.
+    alpha = _most_common(layer.rank for layer in layers)
+    for layer in layers:
+        down, up = factors[layer.component, layer.module]
+        correction = math.sqrt(layer.rank / alpha)
+        key = _kohya_name(layer.component, layer.module, sdxl)
+        tensors[f"{key}.lora_down.weight"] = (down * correction).to(dtype)
+        tensors[f"{key}.lora_up.weight"] = (up * correction).to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    dims = {layer.rank for layer in layers}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dims.pop()) if len(dims) == 1 else "Dynamic",
+        "ss_network_alpha": str(alpha),
+    }
+    return tensors, metadata
 
 
 def _kohya_name(component: str, module: str, sdxl: bool) -> str:
