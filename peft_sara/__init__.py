@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
 from .config import SaRAConfig
+from .export import LayerExport, LoraExport, export_lora
 from .layer import Conv2d, Linear, SaRALayer
 from .loading import load_sara_weights
 from .model import SaRAModel
@@ -18,12 +19,15 @@ __version__ = "0.1.0"
 __all__ = [
     "SARA",
     "Conv2d",
+    "LayerExport",
     "Linear",
+    "LoraExport",
     "SaRAConfig",
     "SaRALayer",
     "SaRAModel",
     "SaRATraining",
     "attach",
+    "export_lora",
     "load_sara_weights",
     "paper_learning_rate",
 ]

@@ -335,14 +335,7 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
     """Refuse saved SaRA updates that cannot go onto `model`, before any adapter is injected into it: each must belong
     to an nn.Linear or nn.Conv2d of the model and fit the tensor it updates. (Whether every layer the adapter targets
     has one is checked while loading.)"""
-    saved: dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
-        for update in SPARSE_UPDATES:
-            index_attr, value_attr, tensor_name, mask_attr = update
-            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], GAPS_ATTRS[tensor_name]):
-                saved.setdefault((module_name, update), {})[attribute] = tensor
-    for (module_name, (index_attr, value_attr, tensor_name, mask_attr)), tensors in saved.items():
+    for (module_name, (index_attr, value_attr, tensor_name, mask_attr)), tensors in _saved_tensors(state_dict).items():
         name = f"{module_name}.{tensor_name}"
         try:
             module = model.get_submodule(module_name)
@@ -361,6 +354,59 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
             raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
         indices = _saved_positions(name, (index_attr, value_attr, tensor_name, mask_attr), tensors, base_tensor)
         _check_saved_update(name, indices, tensors[value_attr], base_tensor)
+
+
+def _saved_tensors(state_dict: dict[str, torch.Tensor]) -> dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]]:
+    """A saved adapter's tensors grouped by (module name, row of SPARSE_UPDATES), keyed by attribute name."""
+    saved: dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
+        for update in SPARSE_UPDATES:
+            index_attr, value_attr, tensor_name, mask_attr = update
+            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], GAPS_ATTRS[tensor_name]):
+                saved.setdefault((module_name, update), {})[attribute] = tensor
+    return saved
+
+
+class SavedSparseUpdate(NamedTuple):
+    """One sparse update of a saved adapter, decoded without a base model: `values` at the flat `positions` of the
+    `tensor_name` ("weight" or "bias") of `module_name`, a tensor of `shape`."""
+
+    module_name: str
+    tensor_name: str
+    shape: tuple[int, ...]
+    positions: torch.Tensor
+    values: torch.Tensor
+
+
+def read_saved_updates(state_dict: dict[str, torch.Tensor]) -> tuple[list[SavedSparseUpdate], list[str]]:
+    """Decode a saved SaRA adapter's updates from the adapter alone (for export, inspection), checked as a load checks
+    them; also return the keys that belong to no sparse update (e.g. `modules_to_save`). The tensors' shapes come
+    from the adapter, which records them since positions are saved in packed forms."""
+    updates = []
+    for (module_name, update), tensors in _saved_tensors(state_dict).items():
+        index_attr, value_attr, tensor_name, mask_attr = update
+        name = f"{module_name}.{tensor_name}"
+        if SHAPE_ATTRS[tensor_name] not in tensors:
+            raise ValueError(
+                f"The SaRA adapter does not record the shape of {name}: it was saved by an older peft-sara. Load it "
+                "onto its base model and save it again."
+            )
+        if value_attr not in tensors or not {index_attr, mask_attr, GAPS_ATTRS[tensor_name]} & tensors.keys():
+            lacking = "values" if value_attr not in tensors else "positions"
+            raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
+        shape = tuple(int(size) for size in tensors[SHAPE_ATTRS[tensor_name]].reshape(-1).tolist())
+        like = torch.empty(shape, device="meta")  # stands for the base tensor in the checks: its shape only
+        positions = _saved_positions(name, update, tensors, like)
+        _check_saved_update(name, positions, tensors[value_attr], like)
+        updates.append(SavedSparseUpdate(module_name, tensor_name, shape, positions, tensors[value_attr]))
+    sparse_attributes = {
+        attribute
+        for index_attr, value_attr, tensor_name, mask_attr in SPARSE_UPDATES
+        for attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], GAPS_ATTRS[tensor_name])
+    }
+    others = sorted(key for key in state_dict if key.rpartition(".")[2] not in sparse_attributes)
+    return updates, others
 
 
 def remove_sara_adapter(model: nn.Module, adapter_name: str) -> None:

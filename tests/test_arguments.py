@@ -69,3 +69,13 @@ def test_command_line_errors_are_one_line():
 def test_tracker_config_keeps_scalars_and_never_the_token():
     args = argparse.Namespace(seed=1, threshold=2e-3, hub_token="secret", seeds=[1, 2], name="x", flag=True)
     assert tracker_config(args) == {"seed": 1, "threshold": 2e-3, "name": "x", "flag": True}
+
+
+def test_export_lora_rank_is_a_rank_or_a_share_of_energy(tmp_path):
+    assert parse(tmp_path, "export_lora_rank: 16\n").export_lora_rank == 16
+    assert parse(tmp_path, "export_lora_rank: 0.9\n").export_lora_rank == 0.9
+    assert parse(tmp_path, "seed: 1\n", "--export_lora_rank", "1.0").export_lora_rank == 1.0  # all of the energy
+    with pytest.raises(UserInputError, match="export_lora_rank takes a rank .* or a share of energy in"):
+        parse(tmp_path, "export_lora_rank: 0\n")
+    with pytest.raises(UserInputError, match="argument --export_lora_rank: rank must be an integer >= 1"):
+        parse(tmp_path, "seed: 1\n", "--export_lora_rank", "-4")

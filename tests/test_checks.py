@@ -53,6 +53,7 @@ def checked(tmp_path, *argv: str, config: str | None = None):
         (["--resolution", "30"], "multiple of 8"),
         (["--resume_from_checkpoint", "nowhere"], "no such checkpoint folder"),
         (["--report_to", "mlflowx"], "unknown tracker"),
+        (["--export_lora_rank", "8", "--include_bias"], "--export_lora_rank cannot go with --include_bias"),
     ],
 )
 def test_bad_values_are_refused(tmp_path, argv, message):

@@ -72,6 +72,8 @@ def test_trains_and_writes_a_complete_output(dreambooth_args, tmp_path):
         "a photo of sks dog in a bucket",
         "--report_to",
         "tensorboard",
+        "--export_lora_rank",
+        "4",
     ]
     (tmp_path / "dog-class").mkdir()
     (tmp_path / "dog-class" / "broken.png").write_bytes(b"not a png")  # does not count towards --num_class_images
@@ -111,6 +113,9 @@ def test_trains_and_writes_a_complete_output(dreambooth_args, tmp_path):
     saved = load_file(output / "unet" / "adapter_model.safetensors")
     assert all(key.startswith("base_model.model.") for key in saved)
     assert any(value.abs().sum() > 0 for key, value in saved.items() if "sara_values" in key), "training moved it"
+    lora = load_file(output / "lora" / "pytorch_lora_weights.safetensors")  # --export_lora_rank
+    assert {key.split(".")[0] for key in lora} == {"unet", "text_encoder"}
+    assert max(tensor.shape[0] for key, tensor in lora.items() if "lora_A" in key) == 4
 
 
 def test_resume_gives_the_same_adapter_as_a_straight_run(dreambooth_args, tmp_path):

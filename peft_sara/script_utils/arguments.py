@@ -99,6 +99,23 @@ def _typed(path: str, flag: str, action: argparse.Action, value: Any) -> Any:
     return converted
 
 
+def lora_rank(value: str | int | float) -> int | float:
+    """A LoRA export rank from the command line or a config file: '16' is a rank, '0.9' a share of energy."""
+    from ..export import check_rank, parse_rank
+
+    try:
+        return parse_rank(value) if isinstance(value, str) else check_rank(value)
+    except ValueError as error:
+        raise _RankError(str(error)) from error
+
+
+class _RankError(argparse.ArgumentTypeError, ValueError):
+    """argparse prints its message as it is; a config file's value is named by `_typed` as any wrong value."""
+
+
+KIND_NAMES[lora_rank] = "a rank (an integer >= 1) or a share of energy in (0, 1]"
+
+
 def add_model_and_output_arguments(parser: argparse.ArgumentParser, default_output_dir: str) -> None:
     group = parser.add_argument_group("model and output")
     group.add_argument(
@@ -122,6 +139,13 @@ def add_model_and_output_arguments(parser: argparse.ArgumentParser, default_outp
         default="fp32",
         choices=["fp32", "fp16", "bf16"],
         help="Precision of the saved adapter values (bf16: half the file; checkpoints keep fp32).",
+    )
+    group.add_argument(
+        "--export_lora_rank",
+        type=lora_rank,
+        default=None,
+        help="At the end of training, also export the adapters as a LoRA into output_dir/lora/ (diffusers format, "
+        "for pipe.load_lora_weights): a rank (e.g. 64) or a share of each layer's energy to keep (e.g. 0.9).",
     )
     group.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
 

@@ -132,6 +132,11 @@ def _check_sara_flags(args: argparse.Namespace) -> None:
             raise UserInputError(f"--text_encoder_threshold: {error}") from error
     if args.text_encoder_threshold is not None and not args.train_text_encoder:
         raise UserInputError("--text_encoder_threshold needs --train_text_encoder.")
+    if args.include_bias and args.export_lora_rank is not None:
+        raise UserInputError(
+            "--export_lora_rank cannot go with --include_bias: a LoRA cannot express bias updates. Drop one of them "
+            "(scripts/export_lora.py --allow_partial exports a trained adapter without its bias updates)."
+        )
 
 
 def check_pivotal_arguments(args: argparse.Namespace) -> dict[str, list[str]] | None:

@@ -15,7 +15,7 @@ import torch
 
 from ..loading import COMPONENTS_KEY, EMBEDDINGS_KEY, SAVE_ID_KEY
 from ..tokens import TOKENS_KEY
-from .cli import UserInputError, is_main_process
+from .cli import UserInputError, get_logger, is_main_process
 from .pivotal import embeddings_file_name
 
 try:
@@ -231,6 +231,17 @@ def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
     return repo_id
 
 
+LORA_EXPORT_DIR = "lora"
+
+
+def export_run_as_lora(output_dir: str, rank: int | float) -> None:
+    """--export_lora_rank: the adapters just saved, as a LoRA in output_dir/lora/ for `pipe.load_lora_weights`."""
+    from ..export import export_lora
+
+    result = export_lora(output_dir, Path(output_dir) / LORA_EXPORT_DIR, rank=rank)
+    get_logger(__name__).info("%s", result)
+
+
 def finish_output(
     accelerator,
     args,
@@ -240,9 +251,12 @@ def finish_output(
     new_tokens: dict[str, list[str]] | None = None,
     embedding_keys: Sequence[str] = ("clip_l",),
 ) -> None:
-    """After the adapters are saved: final images from a fresh pipeline loaded with them, model card, Hub upload."""
+    """After the adapters are saved: their LoRA export if asked for, final images from a fresh pipeline loaded with
+    them, model card, Hub upload."""
     from .validation import final_validation
 
+    if args.export_lora_rank is not None:
+        export_run_as_lora(args.output_dir, args.export_lora_rank)
     images = final_validation(
         accelerator, args.pretrained_model_name_or_path, args.revision, args.variant, args.output_dir, validation, step
     )

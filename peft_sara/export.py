@@ -1,0 +1,373 @@
+"""Export a SaRA adapter as a LoRA, for tools that load LoRA but not PEFT's other methods (diffusers'
+`load_lora_weights`, ComfyUI, AUTOMATIC1111, kohya's scripts).
+
+A SaRA adapter is an additive sparse update ΔW of each adapted weight. Its best rank-r approximation is the truncated
+SVD of the dense ΔW (Eckart–Young), which a LoRA stores as two factors with scale 1: up · down = U_r S_r V_rᵀ. The
+decomposition is done one layer at a time in float64 on the CPU, from the adapter file alone (no base model): the
+singular vectors come from the eigen-decomposition of the smaller Gram matrix and the other factor is the exact
+projection of ΔW onto them, so the energy reported as retained is measured, not estimated.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loading import ADAPTABLE_COMPONENTS, _check_one_save, _read_config, _read_weights
+from .model import read_saved_updates
+
+FORMATS = ("diffusers", "kohya")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for
+EMBEDDINGS_KEYS = ("clip_l", "clip_g")  # a pivotal-tuning embeddings file, as diffusers' advanced scripts write it
+ADAPTER_CONFIG = "adapter_config.json"
+# SDXL's added-conditioning MLP: kohya's tools name it after the original (sgm) UNet, and diffusers' kohya loader only
+# maps that spelling back to add_embedding.
+KOHYA_MODULE_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+@dataclass
+class LayerExport:
+    """One exported layer: its rank in the LoRA and the share of its update's energy (squared Frobenius norm) kept."""
+
+    component: str
+    module: str
+    shape: tuple[int, ...]
+    rank: int
+    full_rank: int  # numerical rank of the update: the rank at which the export is exact
+    energy: float  # squared Frobenius norm of the update
+    energy_kept: float
+
+    @property
+    def energy_retained(self) -> float:
+        return self.energy_kept / self.energy if self.energy else 1.0
+
+
+@dataclass
+class LoraExport:
+    """What `export_lora` wrote and what it kept; `print()` it for a summary."""
+
+    path: Path
+    format: str
+    requested_rank: int | float
+    layers: list[LayerExport]
+    file_size: int
+    embeddings_path: Path | None = None
+    num_new_tokens: int = 0
+    left_out: list[str] = field(default_factory=list)  # parts of the adapter a LoRA cannot express
+    zero_updates: list[str] = field(default_factory=list)  # layers whose update is exactly zero: nothing to export
+
+    @property
+    def energy_retained(self) -> float:
+        """Share of the whole adapter's energy kept: Σ kept / Σ total over all exported layers."""
+        total = sum(layer.energy for layer in self.layers)
+        return sum(layer.energy_kept for layer in self.layers) / total if total else 1.0
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {f"{layer.component}.{layer.module}": layer.rank for layer in self.layers}
+
+    def __str__(self) -> str:
+        ranks = [layer.rank for layer in self.layers]
+        worst = sorted(self.layers, key=lambda layer: layer.energy_retained)[:5]
+        lines = [
+            f"LoRA ({self.format}) written to {self.path} ({self.file_size / 2**20:.2f} MiB)",
+            f"  requested rank {self.requested_rank!r}: {len(self.layers)} layers, ranks {min(ranks, default=0)}-"
+            f"{max(ranks, default=0)} (mean {sum(ranks) / max(1, len(ranks)):.1f}), "
+            f"{sum(layer.rank == layer.full_rank for layer in self.layers)} of them exact",
+            f"  energy retained: {self.energy_retained:.4%} overall",
+        ]
+        if worst and worst[0].energy_retained < 1:
+            lines.append(
+                "  least retained: "
+                + ", ".join(
+                    f"{layer.component}.{layer.module} {layer.energy_retained:.2%} (rank {layer.rank}/{layer.full_rank})"
+                    for layer in worst
+                )
+            )
+        if self.embeddings_path is not None:
+            lines.append(f"  new-token embeddings ({self.num_new_tokens} tokens) copied to {self.embeddings_path}")
+        if self.zero_updates:
+            lines.append(f"  {len(self.zero_updates)} layers with a zero update (nothing to export)")
+        if self.left_out:
+            lines.append(f"  left out ({len(self.left_out)}): " + "; ".join(self.left_out[:10]))
+        return "\n".join(lines)
+
+
+def check_rank(rank: object) -> int | float:
+    """The rank as `export_lora` takes it, or a ValueError saying what a rank can be."""
+    if isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1:
+        return rank
+    if isinstance(rank, float) and 0 < rank <= 1:
+        return rank
+    raise ValueError(
+        f"rank must be an integer >= 1 (the LoRA rank of every layer) or a number in (0, 1] (the share of each "
+        f"update's energy to keep, e.g. 0.9), got {rank!r}."
+    )
+
+
+def parse_rank(text: str) -> int | float:
+    """A rank written on a command line: '16' is a rank, '0.9' or '1.0' a share of energy."""
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = text
+    return check_rank(value)
+
+
+def export_lora(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    rank: int | float = 64,
+    format: str = "diffusers",
+    allow_partial: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> LoraExport:
+    """Export the SaRA adapter(s) in `source` as one LoRA file in `output_dir`, by truncated SVD of each update.
+
+    `source` is a training script's output folder (`unet/`, `text_encoder/`, `text_encoder_2/`, ... and a
+    pivotal-tuning `<name>_emb.safetensors`) or one adapter folder (the UNet's, unless the folder is named after
+    another component). `rank`: an int is the rank of every layer (lower where the update's own rank is lower); a
+    float in (0, 1] keeps, in each layer, the fewest singular directions that hold at least that share of the
+    update's energy (as PEFT's `convert_to_lora`). `format="diffusers"` writes `pytorch_lora_weights.safetensors` for
+    `pipe.load_lora_weights(output_dir)`; `format="kohya"` writes `<name>.safetensors` with `lora_unet_…`/`lora_te…`
+    keys and alphas (scale 1), for ComfyUI, AUTOMATIC1111 and also diffusers. New-token embeddings are copied next to
+    it as `<name>_emb.safetensors` (keys `clip_l`, `clip_g`), which diffusers' `load_textual_inversion`, ComfyUI and
+    AUTOMATIC1111 load. `<name>` is the training output folder's name.
+
+    A LoRA cannot express bias updates (`include_bias=True`) or fully trained modules (`modules_to_save`): they are
+    refused unless `allow_partial=True`, which leaves them out and names them in the result. Convolutions are exported
+    in the LoCon layout (down: a convolution of the layer's kernel, up: 1x1), which fits convolutions without groups
+    or dilation, as in Stable Diffusion's UNets. Values are written in `dtype`.
+    """
+    rank = check_rank(rank)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}.")
+    source, output_dir = Path(source), Path(output_dir)
+    folders, name = _adapter_folders(source)
+    if format == "kohya" and (unknown := sorted(set(folders) - {"unet", "text_encoder", "text_encoder_2"})):
+        raise ValueError(
+            f"The kohya format names UNet and text-encoder layers only; {source} also adapts {', '.join(unknown)}. "
+            "Export it with format='diffusers'."
+        )
+    weights = {}
+    for component, folder in folders.items():
+        _read_config(component, str(folder), str(source))  # refuses other PEFT methods and invalid configs
+        weights[component] = _read_weights(component, str(folder), str(source))
+    if folders != {component: source for component in folders}:  # a run's folder must hold one whole save
+        _check_one_save({c: str(f) for c, f in folders.items()}, list(ADAPTABLE_COMPONENTS), str(source))
+    decoded, left_out = {}, []
+    for component, state_dict in weights.items():
+        try:
+            updates, others = read_saved_updates(state_dict)
+        except ValueError as error:
+            raise ValueError(f"{component}: {error}") from error
+        decoded[component] = [update for update in updates if update.tensor_name == "weight"]
+        left_out += [f"{component}.{u.module_name}.bias (a bias update)" for u in updates if u.tensor_name == "bias"]
+        left_out += [f"{component}: {key} (not a SaRA update, e.g. modules_to_save)" for key in others]
+    if left_out and not allow_partial:
+        raise ValueError(
+            f"A LoRA cannot express {len(left_out)} part(s) of this adapter: {'; '.join(left_out[:5])}"
+            f"{' ...' if len(left_out) > 5 else ''}. Pass allow_partial=True (--allow_partial) to export without them."
+        )
+    embeddings = _embeddings_file(source, name)
+
+    # SDXL: two text encoders, or a UNet with added conditioning (its only other mark without a base model)
+    sdxl = "text_encoder_2" in folders or any(u.module_name in KOHYA_MODULE_NAMES for u in decoded.get("unet", []))
+    factors, layers, zero_updates = {}, [], []
+    for component, updates in decoded.items():
+        for update in updates:
+            module = update.module_name
+            exported = _low_rank_factors(update, rank)
+            if exported is None:
+                zero_updates.append(f"{component}.{module}")
+                continue
+            down, up, layer_rank, full_rank, energy, energy_kept = exported
+            layers.append(LayerExport(component, module, update.shape, layer_rank, full_rank, energy, energy_kept))
+            factors[component, module] = down, up
+    if not layers:
+        raise ValueError(f"Every update of the SaRA adapter in {source} is zero: there is nothing to export.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else f"{name}.safetensors")
+    tensors, metadata = _lora_file_contents(layers, factors, format, sdxl, dtype)
+    metadata.update(format="pt", sara_export=json.dumps({"source": name, "rank": rank}))
+    _write_atomically(path, lambda staging: _save(tensors, staging, metadata))
+    result = LoraExport(path, format, rank, layers, path.stat().st_size, left_out=left_out, zero_updates=zero_updates)
+    if embeddings is not None:
+        result.embeddings_path = output_dir / f"{name}_emb.safetensors"
+        result.num_new_tokens = embeddings
+        if result.embeddings_path.resolve() != (source / f"{name}_emb.safetensors").resolve():
+            _write_atomically(
+                result.embeddings_path, lambda staging: shutil.copyfile(source / f"{name}_emb.safetensors", staging)
+            )
+    return result
+
+
+def _adapter_folders(source: Path) -> tuple[dict[str, Path], str]:
+    """The adapter folder of each component in `source`, and the name the export's files take (the run's folder)."""
+    if not source.is_dir():
+        raise ValueError(f"No folder at {source}: pass a training output folder or a SaRA adapter folder.")
+    folders = {c: source / c for c in ADAPTABLE_COMPONENTS if (source / c / ADAPTER_CONFIG).is_file()}
+    if folders:
+        return folders, source.resolve().name
+    if (source / ADAPTER_CONFIG).is_file():
+        resolved = source.resolve()
+        if resolved.name in ADAPTABLE_COMPONENTS:
+            return {resolved.name: source}, resolved.parent.name
+        return {"unet": source}, resolved.name
+    raise ValueError(
+        f"Found no adapter in {source}: expected {ADAPTER_CONFIG} in it or in component subfolders "
+        f"({', '.join(ADAPTABLE_COMPONENTS)}). Pass the output folder of a training script or a SaRA adapter folder."
+    )
+
+
+def _embeddings_file(source: Path, name: str) -> int | None:
+    """Number of new tokens in the run's pivotal-tuning embeddings file, if it has one; refuse one that is not."""
+    path = source / f"{name}_emb.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise ValueError(f"Could not read the new-token embeddings {path}: {error}") from error
+    if "clip_l" not in shapes or set(shapes) - set(EMBEDDINGS_KEYS) or any(len(s) != 2 for s in shapes.values()):
+        raise ValueError(
+            f"{path} is not a new-token embeddings file: expected 2-D tensors under the keys clip_l (and clip_g for "
+            f"SDXL), found {shapes}."
+        )
+    counts = {shape[0] for shape in shapes.values()}
+    if len(counts) != 1:
+        raise ValueError(f"{path}: clip_l and clip_g hold different numbers of tokens ({shapes}).")
+    return counts.pop()
+
+
+def _low_rank_factors(update, rank: int | float):
+    """(down, up, rank, full rank, energy, kept energy) of one layer's update, or None if the update is zero.
+
+    down has the layer's input side ([r, in] or, for a convolution, [r, in, kh, kw]) and up its output side ([out, r]
+    or [out, r, 1, 1]); the singular values are split evenly between them (√S each), which keeps both factors in range
+    for half precision.
+    """
+    shape = update.shape
+    dense = torch.zeros(math.prod(shape), dtype=torch.float64)
+    dense.index_add_(0, update.positions.long(), update.values.detach().to(torch.float64))
+    matrix = dense.view(shape[0], -1)
+    energy = float(matrix.square().sum())
+    if energy == 0:
+        return None
+    wide = matrix.shape[0] <= matrix.shape[1]
+    side = matrix if wide else matrix.T  # the Gram matrix of the smaller side: at most 1280² for SD's largest layers
+    eigenvalues, eigenvectors = torch.linalg.eigh(side @ side.T)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0), eigenvectors.flip(1)
+    singular = eigenvalues.sqrt()
+    tolerance = float(singular[0]) * max(matrix.shape) * torch.finfo(torch.float32).eps
+    full_rank = max(1, int((singular > tolerance).sum()))
+    if isinstance(rank, float):
+        cumulative = eigenvalues.cumsum(0)
+        # the fewest directions holding `rank` of the energy, as peft's convert_to_lora picks them
+        kept = int(torch.searchsorted(cumulative, rank * cumulative[-1])) + 1
+    else:
+        kept = rank
+    kept = min(kept, full_rank)
+    basis = eigenvectors[:, :kept]  # orthonormal: the projection below is the best approximation in its span
+    projected = basis.T @ side  # [kept, other side] = S Vᵀ (rows of norm S)
+    energy_kept = float(projected.square().sum())
+    norms = projected.norm(dim=1).clamp(min=torch.finfo(torch.float64).tiny).sqrt()
+    outer, inner = basis * norms, projected / norms[:, None]  # outer @ inner == basis @ projected
+    up, down = (outer, inner) if wide else (inner.T, outer.T)
+    down = down.to(torch.float32).reshape(kept, *shape[1:]).contiguous()
+    up = up.to(torch.float32)
+    if len(shape) == 4:
+        up = up.reshape(shape[0], kept, 1, 1)
+    return down, up.contiguous(), kept, full_rank, energy, energy_kept
+
+
+def _lora_file_contents(
+    layers: list[LayerExport], factors: dict, format: str, sdxl: bool, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The LoRA file's tensors and metadata in `format`, every layer at scale 1."""
+    tensors = {}
+    if format == "diffusers":
+        for (component, module), (down, up) in factors.items():
+            tensors[f"{component}.{module}.lora_A.weight"] = down.to(dtype)
+            tensors[f"{component}.{module}.lora_B.weight"] = up.to(dtype)
+        return tensors, {"lora_adapter_metadata": json.dumps(_lora_configs(layers), sort_keys=True)}
+    # One alpha for every layer: loaders scale each layer by alpha / its rank, and diffusers' kohya loader drops the
+    # per-layer alphas of attention layers, so a layer whose rank differs carries rank / alpha in its factors.
+    alpha = _most_common(layer.rank for layer in layers)
+    for layer in layers:
+        down, up = factors[layer.component, layer.module]
+        correction = math.sqrt(layer.rank / alpha)
+        key = _kohya_name(layer.component, layer.module, sdxl)
+        tensors[f"{key}.lora_down.weight"] = (down * correction).to(dtype)
+        tensors[f"{key}.lora_up.weight"] = (up * correction).to(dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    dims = {layer.rank for layer in layers}
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(dims.pop()) if len(dims) == 1 else "Dynamic",
+        "ss_network_alpha": str(alpha),
+    }
+    return tensors, metadata
+
+
+def _kohya_name(component: str, module: str, sdxl: bool) -> str:
+    """kohya's key of a layer: the module path with '_' for '.', after a prefix naming the model."""
+    if component == "unet":
+        prefix = "lora_unet"
+        module = KOHYA_MODULE_NAMES.get(module, module)
+    else:
+        # kohya's SD 1.x/2.x files say lora_te, its SDXL files lora_te1 and lora_te2
+        prefix = "lora_te2" if component == "text_encoder_2" else "lora_te1" if sdxl else "lora_te"
+        if not module.startswith(("text_model.", "text_projection")):
+            # transformers 5 dropped CLIPTextModel's text_model level; the tools' names keep it (diffusers strips it)
+            module = f"text_model.{module}"
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _lora_configs(layers: list[LayerExport]) -> dict:
+    """diffusers' `lora_adapter_metadata`: each component's LoraConfig, with per-layer ranks and alpha = rank, so the
+    scale is 1 whatever a loader would otherwise infer."""
+    metadata = {}
+    for component in dict.fromkeys(layer.component for layer in layers):
+        ranks = {layer.module: layer.rank for layer in layers if layer.component == component}
+        common = _most_common(ranks.values())
+        pattern = {module: r for module, r in ranks.items() if r != common}
+        config = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": pattern}
+        config["target_modules"] = sorted(ranks)
+        metadata.update({f"{component}.{key}": value for key, value in config.items()})
+    return metadata
+
+
+def _most_common(values) -> int:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write through `write(staging_path)` next to `path` and rename into place: never a half-written file."""
+    staging = path.with_name(path.name + ".tmp")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)

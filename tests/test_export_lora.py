@@ -1,0 +1,67 @@
+"""scripts/export_lora.py: the command line of export_lora, with one `error:` line and status 2 for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import load_script, tiny_unet
+from peft import get_peft_model
+from safetensors.torch import load_file
+from test_export import visible_update
+
+from peft_sara import SaRAConfig
+from peft_sara.script_utils.cli import UserInputError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "export_lora.py")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "style"
+    unet = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02))
+    visible_update(unet)
+    unet.save_pretrained(run / "unet")
+    return run
+
+
+def test_exports_with_the_rank_and_format_given(run_dir, tmp_path, capsys):
+    result = load_script("export_lora").main([str(run_dir), str(tmp_path), "--rank", "0.8", "--format", "kohya"])
+    assert result.path == tmp_path / "style.safetensors" and result.requested_rank == 0.8
+    assert all(layer.energy_retained >= 0.8 for layer in result.layers)
+    assert "energy retained" in capsys.readouterr().out
+    result = load_script("export_lora").main([str(run_dir), str(tmp_path), "--rank", "3", "--save_precision", "bf16"])
+    assert result.requested_rank == 3 and max(layer.rank for layer in result.layers) == 3
+    assert {str(tensor.dtype) for tensor in load_file(result.path).values()} == {"torch.bfloat16"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["{missing}", "{out}"], "No folder at"),
+        (["{run}", "{out}", "--rank", "0"], "argument --rank: rank must be an integer >= 1"),
+        (["{run}", "{out}", "--rank", "2.5"], "argument --rank: rank must be an integer >= 1"),
+        (["{run}", "{out}", "--rank", "many"], "argument --rank: rank must be an integer >= 1"),
+        (["{run}", "{out}", "--format", "comfy"], "argument --format: invalid choice"),
+    ],
+)
+def test_bad_input_is_refused(run_dir, tmp_path, argv, message):
+    paths = {"missing": tmp_path / "missing", "out": tmp_path / "out", "run": run_dir}
+    with pytest.raises(UserInputError, match=message):
+        load_script("export_lora").main([arg.format(**paths) for arg in argv])
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_is_one_line_on_stderr_and_status_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPT, str(tmp_path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: Found no adapter in {tmp_path}")
