@@ -84,13 +84,11 @@ class LoraExport:
             f"  energy retained: {self.energy_retained:.4%} overall",
         ]
         if worst and worst[0].energy_retained < 1:
-            lines.append(
-                "  least retained: "
-                + ", ".join(
-                    f"{layer.component}.{layer.module} {layer.energy_retained:.2%} (rank {layer.rank}/{layer.full_rank})"
-                    for layer in worst
-                )
-            )
+            least = [
+                f"{layer.component}.{layer.module} {layer.energy_retained:.2%} (rank {layer.rank}/{layer.full_rank})"
+                for layer in worst
+            ]
+            lines.append("  least retained: " + ", ".join(least))
         if self.embeddings_path is not None:
             lines.append(f"  new-token embeddings ({self.num_new_tokens} tokens) copied to {self.embeddings_path}")
         if self.zero_updates:

@@ -62,6 +62,18 @@ def _scatter_updates(
     return flat.view_as(dense)
 
 
+def _write_updated_entries(
+    flat: torch.Tensor, positions: torch.Tensor, entries: torch.Tensor, values: torch.Tensor, scale: float
+) -> None:
+    """flat[positions] = entries + scale · values, where `entries` are flat's current entries at those positions.
+
+    The one formula every path uses to put an update into a weight, so that the folded and unfolded paths agree bit
+    for bit; computed out of place on the entries and written with `scatter_` (int64 positions), which is 2-3 times
+    faster on a CPU than `index_add_` or `index_put_`.
+    """
+    flat.scatter_(0, positions, entries + values.detach().to(flat.dtype) * scale)
+
+
 @contextmanager
 def _weight_with_updates(
     weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
@@ -81,14 +93,17 @@ def _weight_with_updates(
         yield _scatter_updates(weight.detach(), updates, dtype)
         return
     flat = weight.data.view(-1)
-    originals = [(indices, flat.index_select(0, indices)) for indices, _, _ in updates]
+    positions = [indices.long() for indices, _, _ in updates]
+    originals = [flat.index_select(0, where) for where in positions]
     try:
-        for indices, values, scale in updates:
-            flat.index_add_(0, indices, values.detach().to(flat.dtype), alpha=scale)
+        for number, (where, (_, values, scale)) in enumerate(zip(positions, updates)):
+            # the first update sees the originals; a later one what the earlier ones made of shared positions
+            entries = originals[0] if number == 0 else flat.index_select(0, where)
+            _write_updated_entries(flat, where, entries, values, scale)
         yield weight.data.to(dtype)
     finally:
-        for indices, original in originals:
-            flat.index_put_((indices,), original)
+        for where, original in zip(positions, originals):
+            flat.scatter_(0, where, original)
 
 
 def _effective_weight(
@@ -134,7 +149,9 @@ class _SparseWeightOp(torch.autograd.Function):
             for position, needed in enumerate(needs_values):
                 if needed:
                     indices = indices_and_values[2 * position]
-                    grad_values[position] = flat_grad.index_select(0, indices).float() * ctx.scales[position]
+                    grad = flat_grad.index_select(0, indices.long()).float()
+                    scale = ctx.scales[position]
+                    grad_values[position] = grad if scale == 1.0 else grad * scale
             del flat_grad
         grad_weight = dense_grad.to(weight.dtype) if needs_weight else None
         del dense_grad
@@ -280,16 +297,16 @@ class SaRALayer(BaseTunerLayer):
         """Take a folded update out of the base weight: its original entries are copied back, not subtracted."""
         fold, self._sara_fold = self._sara_fold, None
         if fold is not None:
-            fold.weight.data.view(-1).index_put_((fold.indices,), fold.originals)
+            fold.weight.data.view(-1).scatter_(0, fold.indices.long(), fold.originals)
 
     def _hold_fold(self, updates: list[tuple[torch.Tensor, torch.Tensor, float]], compute_dtype: torch.dtype) -> bool:
         """Keep the update of a training adapter folded into the base weight; whether the op takes the weight as is.
 
         A fold holds for one active adapter whose values train (grad mode on), on a contiguous weight stored at least
         as wide as the op computes. It is refreshed when the values, positions or scale changed since the last call
-        (an optimizer's in-place step bumps the values' version counter), so an update costs two passes over its
-        positions per optimizer step instead of several per op. The refresh copies the originals back and adds the
-        update as the unfolded path does, so both compute bit-identical weights. Anything else unfolds.
+        (an optimizer's in-place step bumps the values' version counter), so an update costs one scatter of
+        originals + scale · values per optimizer step instead of several passes per op. The unfolded path writes the
+        same formula, so both compute bit-identical weights. Anything else unfolds.
         """
         weight = self._raw_base_layer().weight
         if len(updates) != 1 or not self._fold_allowed:
@@ -307,14 +324,14 @@ class SaRALayer(BaseTunerLayer):
             return False
         state = (values._version, indices._version, scale)
         fold, flat = self._sara_fold, weight.data.view(-1)
-        if fold is not None and fold.weight is weight and fold.indices is indices and fold.values is values:
-            if fold.state == state:
-                return True
-            flat.index_put_((indices,), fold.originals)
-        else:
+        current = fold is not None and fold.weight is weight and fold.indices is indices and fold.values is values
+        if current and fold.state == state:
+            return True
+        positions = indices.long()
+        if not current:
             self._restore_base()
-            fold = self._sara_fold = _Fold(weight, indices, values, flat.index_select(0, indices), state)
-        flat.index_add_(0, indices, values.detach().to(flat.dtype), alpha=scale)
+            fold = self._sara_fold = _Fold(weight, indices, values, flat.index_select(0, positions), state)
+        _write_updated_entries(flat, positions, fold.originals, values, scale)
         fold.state = state
         return True
 
