@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import ADAPTABLE_COMPONENTS, _check_one_save, _read_config, _read_weights
+from .loading import ADAPTABLE_COMPONENTS, _check_one_save, _read_config, _read_weights, _save_metadata
 from .model import read_saved_updates
 
 FORMATS = ("diffusers", "kohya")
@@ -164,7 +164,8 @@ def export_lora(
         _read_config(component, str(folder), str(source))  # refuses other PEFT methods and invalid configs
         weights[component] = _read_weights(component, str(folder), str(source))
     if folders != {component: source for component in folders}:  # a run's folder must hold one whole save
-        _check_one_save({c: str(f) for c, f in folders.items()}, list(ADAPTABLE_COMPONENTS), str(source))
+        folder_paths = {component: str(folder) for component, folder in folders.items()}
+        _check_one_save(_save_metadata(folder_paths), folder_paths, list(ADAPTABLE_COMPONENTS), str(source))
     decoded, left_out = {}, []
     for component, state_dict in weights.items():
         try:
