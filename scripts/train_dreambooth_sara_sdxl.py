@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             generate_class_images(args, accelerator, sdxl=True, vae_path=vae_path)
         class_images = list_images(args.class_data_dir, "--class_data_dir") if args.with_prior_preservation else []
 
-        # 2. Models: the frozen base in the run's precision; the VAE in fp32, as in diffusers' SDXL scripts.
+        # 2. Models: the frozen base in the run's precision, but the VAE in fp32, as in diffusers' SDXL script.
         tokenizers, text_encoders, vae, unet, noise_scheduler = load_sdxl_base_models(
             args.pretrained_model_name_or_path,
             args.revision,

@@ -63,7 +63,7 @@ def test_trains_both_text_encoders_and_loads_into_an_sdxl_pipeline(sdxl_args, ti
     args = sdxl_args + ["--output_dir", str(output), "--max_train_steps", "3", "--learning_rate", "5e-2"]
     args += ["--checkpointing_steps", "3", "--train_text_encoder", "--random_flip", "--snr_gamma", "5"]
     args += ["--noise_offset", "0.1", "--save_precision", "bf16", "--validation_prompt", "a photo of sks dog"]
-    args += ["--validation_steps", "3"]
+    args += ["--validation_steps", "3", "--pretrained_vae_model_name_or_path", str(tiny_sdxl_pipeline_dir / "vae")]
     args += ["--with_prior_preservation", "--class_prompt", "a photo of dog", "--class_data_dir"]
     args += [str(tmp_path / "dog-class"), "--num_class_images", "1", "--sample_batch_size", "1"]
     load_script(SCRIPT_NAME).main(args)
@@ -78,7 +78,8 @@ def test_trains_both_text_encoders_and_loads_into_an_sdxl_pipeline(sdxl_args, ti
     assert (output / "validation" / "step-3-0.png").is_file(), "sampled with the models in training"
     assert (output / "validation" / "final-0.png").is_file(), "sampled from the saved adapters"
     card = (output / "README.md").read_text()
-    for line in ("- stable-diffusion-xl", "- dreambooth", "StableDiffusionXLPipeline", "`text_encoder_2/`"):
+    vae_line = f'AutoencoderKL.from_pretrained("{tiny_sdxl_pipeline_dir / "vae"}")'
+    for line in ("- stable-diffusion-xl", "- dreambooth", "StableDiffusionXLPipeline", "`text_encoder_2/`", vae_line):
         assert line in card
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir)

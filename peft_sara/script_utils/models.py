@@ -46,7 +46,9 @@ def load_sdxl_base_models(
     vae_path: str | None = None,
 ):
     """Both tokenizers and text encoders (the second with its projection, whose pooled output SDXL's UNet takes),
-    the VAE (from `vae_path` when given, e.g. the fp16-safe one), UNet and noise scheduler of an SDXL pipeline."""
+    the VAE (from `vae_path` when given, e.g. the fp16-safe one), UNet and noise scheduler of an SDXL pipeline. The
+    VAE is loaded in fp32 whatever `dtype` is, as diffusers' SDXL DreamBooth script keeps it (SDXL's own VAE
+    overflows in fp16)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -65,7 +67,7 @@ def load_sdxl_base_models(
         raise UserInputError(
             f"Could not load the SDXL base pipeline {pretrained_model_name_or_path}: {error}"
         ) from error
-    vae = load_vae(pretrained_model_name_or_path, revision, variant, dtype, vae_path)
+    vae = load_vae(pretrained_model_name_or_path, revision, variant, torch.float32, vae_path)
     if prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=prediction_type)
     return tokenizers, text_encoders, vae, unet, noise_scheduler
