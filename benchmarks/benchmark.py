@@ -64,9 +64,28 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def unet_config(model: str) -> dict:
-    """UNet2DConditionModel configs: `sd15` is Stable Diffusion 1.5's architecture (859.5M parameters)."""
+    """UNet2DConditionModel configs: `sd15` is Stable Diffusion 1.5's architecture (859.5M parameters), `sdxl` SDXL
+    base 1.0's (2.57B parameters; the values of stabilityai/stable-diffusion-xl-base-1.0's unet/config.json)."""
     if model == "sd15":
         return {"sample_size": 64, "cross_attention_dim": 768}
+    if model == "sdxl":
+        return {
+            "sample_size": 128,
+            "act_fn": "silu",
+            "addition_embed_type": "text_time",
+            "addition_embed_type_num_heads": 64,
+            "addition_time_embed_dim": 256,
+            "attention_head_dim": (5, 10, 20),
+            "block_out_channels": (320, 640, 1280),
+            "cross_attention_dim": 2048,
+            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "projection_class_embeddings_input_dim": 2816,
+            "transformer_layers_per_block": (1, 2, 10),
+            "use_linear_projection": True,
+        }
     if model == "small":
         return {
             "sample_size": 32,
@@ -78,7 +97,7 @@ def unet_config(model: str) -> dict:
             "layers_per_block": 2,
             "norm_num_groups": 16,
         }
-    raise ValueError(f"unknown model {model!r}: choose sd15 or small")
+    raise ValueError(f"unknown model {model!r}: choose sd15, sdxl or small")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="sd15", choices=("sd15", "small"), help="UNet architecture.")
+    parser.add_argument("--model", default="sd15", choices=("sd15", "sdxl", "small"), help="UNet architecture.")
     parser.add_argument("--batch-size", type=int, default=1, help="Training batch size.")
     parser.add_argument("--latent-size", type=int, default=32, help="Latent height and width (64 = 512 px).")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps after one warm-up step.")
@@ -96,6 +115,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--methods", default="frozen,full,sara", help="Comma-separated subset of " + ", ".join(METHODS)
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument(
+        "--memory-limit-gib",
+        type=float,
+        default=24.0,
+        help="Full fine-tuning is reported as not run when its weights, gradients and AdamW states (16 bytes per "
+        "parameter) alone exceed this.",
+    )
+    parser.add_argument(
+        "--no-load-timing",
+        action="store_true",
+        help="Save each adapter to measure its size, but do not time loading it onto a second freshly built model "
+        "(which needs that model's memory as well: SDXL's is 10 GB).",
+    )
     parser.add_argument("--output", help="Write the results as JSON to this file.")
     parser.add_argument("--plot", help="Draw peak memory and step time per method into this PNG file.")
     parser.add_argument(
@@ -135,6 +167,12 @@ def run_method(args: argparse.Namespace) -> dict:
     config = unet.config
     latents = torch.randn(args.batch_size, config.in_channels, args.latent_size, args.latent_size, device=device)
     text = torch.randn(args.batch_size, 77, config.cross_attention_dim, device=device)
+    added = {}
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text and six size/crop ids
+        pooled_size = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=device)
+        added = {"text_embeds": torch.randn(args.batch_size, pooled_size, device=device)}
+        added["time_ids"] = time_ids.expand(args.batch_size, 6)
     target = torch.randn_like(latents)
     step_times = []
     for step in range(args.steps + 1):
@@ -143,7 +181,7 @@ def run_method(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         noisy = latents.clone().requires_grad_(args.run_method == "frozen")
         timesteps = torch.randint(0, 1000, (args.batch_size,), device=device)
-        prediction = model(noisy, timesteps, encoder_hidden_states=text).sample
+        prediction = model(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added or None).sample
         loss = torch.nn.functional.mse_loss(prediction, target)
         loss.backward()
         if optimizer is not None:
@@ -157,7 +195,7 @@ def run_method(args: argparse.Namespace) -> dict:
     peak_memory = peak_memory_bytes(device)  # before the save/load below, which builds a second model
     adapter_bytes = load_seconds = None
     if args.run_method in ADAPTER_METHODS:
-        adapter_bytes, load_seconds = save_and_load(model, args.model)
+        adapter_bytes, load_seconds = save_and_load(model, args.model, load=not args.no_load_timing)
     return {
         "method": args.run_method,
         "peak_memory_bytes": peak_memory,
@@ -235,18 +273,37 @@ def build_method(method: str, unet, target_fraction: float, sara_config=None):
     raise ValueError(f"unknown method {method!r}")
 
 
-def save_and_load(model, model_name: str) -> tuple[int, float]:
-    """Bytes of the saved adapter on disk, and seconds to load it onto a freshly built base model."""
+def save_and_load(model, model_name: str, load: bool = True) -> tuple[int, float | None]:
+    """Bytes of the saved adapter on disk, and seconds to load it onto a freshly built base model (None when not
+    `load`)."""
     from diffusers import UNet2DConditionModel
     from peft import PeftModel
 
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         adapter_bytes = sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
+        if not load:
+            return adapter_bytes, None
         base = UNet2DConditionModel(**unet_config(model_name))
         start = time.perf_counter()
         PeftModel.from_pretrained(base, folder)
         return adapter_bytes, time.perf_counter() - start
+
+
+def full_fine_tuning_does_not_fit(model: str, limit_gib: float) -> str | None:
+    """Why full fine-tuning cannot run within `limit_gib`, from the parameter count alone (fp32 weights, gradients and
+    two AdamW moments: 16 bytes per parameter, before any activation), or None when it may fit."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in UNet2DConditionModel(**unet_config(model)).parameters())
+    needed_gib = 16 * parameters / 1024**3
+    if needed_gib <= limit_gib:
+        return None
+    return (
+        f"{parameters / 1e9:.2f}B parameters need {needed_gib:.1f} GiB for fp32 weights, gradients and AdamW states "
+        f"alone, more than {limit_gib:g} GiB"
+    )
 
 
 def sara_budget_checks(results: dict[str, dict]) -> dict[str, dict]:
@@ -349,8 +406,12 @@ def main(argv=None) -> None:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         sys.exit(f"error: unknown method(s) {unknown}; choose from {list(METHODS)}")
-    results = {}
+    results, not_run = {}, {}
     for method in methods:
+        if method == "full" and (reason := full_fine_tuning_does_not_fit(args.model, args.memory_limit_gib)):
+            print(f"not running full: {reason}", file=sys.stderr, flush=True)
+            not_run[method] = reason
+            continue
         command = [sys.executable, "-m", "benchmarks.benchmark", *(argv if argv is not None else sys.argv[1:])]
         command += ["--run-method", method]
         print(f"running {method} ...", file=sys.stderr, flush=True)
@@ -368,9 +429,13 @@ def main(argv=None) -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "run_method")},
         "results": results,
     }
+    if not_run:
+        report["not_run"] = not_run
     if "sara" in results:
         report["sara_budget"] = sara_budget_checks(results)
     print(markdown_table(results))
+    for method, reason in not_run.items():
+        print(f"{method}: not run ({reason})")
     for name, check in report.get("sara_budget", {}).items():
         print(f"{name}: {check['value']:.3f} (target {check['target']}) {'ok' if check['passes'] else 'MISSED'}")
     if args.output:

@@ -17,12 +17,10 @@ embeddings `<output folder name>_emb.safetensors`, a model card, and the validat
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 import peft_sara
 from peft_sara.script_utils.arguments import (
@@ -42,14 +40,15 @@ from peft_sara.script_utils.checkpoints import (
     run_settings,
 )
 from peft_sara.script_utils.checks import check_common_arguments, check_pivotal_arguments
-from peft_sara.script_utils.cli import UserInputError, get_logger, run_main
-from peft_sara.script_utils.data import (
-    CachedLatents,
-    ImageTransform,
-    list_images,
-    make_dataloader,
-    readable_images,
-    tokenize,
+from peft_sara.script_utils.cli import run_main
+from peft_sara.script_utils.data import CachedLatents, ImageTransform, list_images, make_dataloader
+from peft_sara.script_utils.dreambooth import (
+    DreamBoothDataset,
+    add_dreambooth_arguments,
+    check_dreambooth_arguments,
+    collate,
+    generate_class_images,
+    prior_preservation_loss,
 )
 from peft_sara.script_utils.loop import LoopSettings, train
 from peft_sara.script_utils.loss import DenoisingLoss
@@ -66,38 +65,11 @@ from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator
 from peft_sara.script_utils.stopping import TrainsFor
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
-logger = get_logger(__name__)
-
 
 def make_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="DreamBooth fine-tuning of Stable Diffusion with SaRA.")
     add_model_and_output_arguments(parser, default_output_dir="sara-dreambooth-model")
-    group = parser.add_argument_group("DreamBooth data")
-    group.add_argument("--instance_data_dir", type=str, default=None, help="Folder of images of the subject.")
-    group.add_argument(
-        "--instance_prompt", type=str, default=None, help='Prompt naming the subject, e.g. "a photo of sks dog".'
-    )
-    group.add_argument(
-        "--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images."
-    )
-    group.add_argument(
-        "--class_data_dir", type=str, default=None, help="Folder of class images; missing ones are generated into it."
-    )
-    group.add_argument(
-        "--class_prompt", type=str, default=None, help='Prompt of the subject\'s class, e.g. "a photo of dog".'
-    )
-    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
-    group.add_argument(
-        "--num_class_images", type=int, default=100, help="Class images wanted; the missing ones are generated."
-    )
-    group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
-    group.add_argument(
-        "--prior_generation_precision",
-        type=str,
-        default=None,
-        choices=["fp32", "fp16", "bf16"],
-        help="dtype of class-image generation (default: fp16 on a GPU, else fp32).",
-    )
+    add_dreambooth_arguments(parser)
     add_sara_arguments(parser)
     add_training_arguments(parser)
     add_pivotal_arguments(parser)
@@ -114,18 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model, so that bad input fails in a second, not after loading."""
     check_common_arguments(args)
-    if not args.instance_data_dir or not args.instance_prompt:
-        raise UserInputError("--instance_data_dir and --instance_prompt are required.")
-    args.instance_images = list_images(args.instance_data_dir, "--instance_data_dir")  # verified once, used by main
-    if args.with_prior_preservation:
-        if not args.class_data_dir or not args.class_prompt:
-            raise UserInputError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-        if args.num_class_images < 1:
-            raise UserInputError(f"--num_class_images must be at least 1, got {args.num_class_images}.")
-        if os.path.exists(args.class_data_dir) and not os.path.isdir(args.class_data_dir):
-            raise UserInputError(f"--class_data_dir {args.class_data_dir} is a file, not a folder.")
-    elif args.class_data_dir or args.class_prompt:
-        logger.warning("--class_data_dir and --class_prompt are ignored without --with_prior_preservation.")
+    check_dreambooth_arguments(args)
     # New Code #
     # Pivotal tuning: TOK in the prompts stands for new tokens <s0><s1>... (a prompt without it is refused here).
     args.new_tokens = check_pivotal_arguments(args)
@@ -135,79 +96,6 @@ def check_args(args: argparse.Namespace) -> None:
             for prompt in (args.instance_prompt, args.class_prompt, args.validation_prompt)
         )
     # End of new code #
-
-
-class DreamBoothDataset(Dataset):
-    """Instance images with the instance prompt and, for prior preservation, class images with the class prompt."""
-
-    def __init__(self, instance_images, instance_prompt, class_images, class_prompt, tokenizer, transform) -> None:
-        self.instance_images, self.class_images, self.transform = instance_images, class_images, transform
-        self.instance_ids = tokenize(tokenizer, instance_prompt)
-        self.class_ids = tokenize(tokenizer, class_prompt) if class_images else None
-
-    def __len__(self) -> int:
-        return max(len(self.instance_images), len(self.class_images))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        example = {
-            "instance_pixels": self._load(self.instance_images[index % len(self.instance_images)]),
-            "instance_ids": self.instance_ids,
-        }
-        if self.class_images:
-            example["class_pixels"] = self._load(self.class_images[index % len(self.class_images)])
-            example["class_ids"] = self.class_ids
-        return example
-
-    def _load(self, path: Path) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            return self.transform(image)
-
-
-def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One batch; with prior preservation the class half follows the instance half, so the loss can split it."""
-    pixels = [example["instance_pixels"] for example in examples]
-    ids = [example["instance_ids"] for example in examples]
-    if "class_pixels" in examples[0]:
-        pixels += [example["class_pixels"] for example in examples]
-        ids += [example["class_ids"] for example in examples]
-    return {"pixel_values": torch.stack(pixels), "input_ids": torch.stack(ids)}
-
-
-def generate_class_images(args: argparse.Namespace, accelerator) -> None:
-    """Fill --class_data_dir up to --num_class_images readable images with the base model's images of
-    --class_prompt, the work split over all processes."""
-    from diffusers import StableDiffusionPipeline
-
-    class_dir = Path(args.class_data_dir)
-    class_dir.mkdir(parents=True, exist_ok=True)
-    existing = len(readable_images(class_dir)[0])
-    if existing >= args.num_class_images:
-        return
-    precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        variant=args.variant,
-        dtype=dtype,
-        safety_checker=None,
-        requires_safety_checker=False,
-    ).to(accelerator.device)
-    pipeline.set_progress_bar_config(disable=True)
-    logger.info("Generating %d class images of %r", args.num_class_images - existing, args.class_prompt)
-    with accelerator.split_between_processes(list(range(existing, args.num_class_images))) as indices:
-        for start in range(0, len(indices), args.sample_batch_size):
-            batch = indices[start : start + args.sample_batch_size]
-            generator = torch.Generator().manual_seed((args.seed or 0) + batch[0])
-            images = pipeline(
-                [args.class_prompt] * len(batch), generator=generator, height=args.resolution, width=args.resolution
-            ).images
-            for index, image in zip(batch, images):
-                image.save(class_dir / f"class-{index:05d}.png")
-    del pipeline
-    accelerator.wait_for_everyone()
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -244,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # End of new code #
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
         dataset = DreamBoothDataset(
-            args.instance_images, args.instance_prompt, class_images, args.class_prompt, tokenizer, transform
+            args.instance_images, args.instance_prompt, class_images, args.class_prompt, [tokenizer], transform
         )
         if args.cache_latents:
             dataset = CachedLatents(
@@ -319,11 +207,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
 
         def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            loss = denoising_loss(batch)
-            if not args.with_prior_preservation:
-                return loss.mean()
-            instance_loss, prior_loss = loss.chunk(2)  # the class half of the batch follows the instance half
-            return instance_loss.mean() + args.prior_loss_weight * prior_loss.mean()
+            return prior_preservation_loss(denoising_loss(batch), args.with_prior_preservation, args.prior_loss_weight)
 
         # 4. Train, resuming from a checkpoint if asked.
         global_step = train(

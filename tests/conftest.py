@@ -189,6 +189,53 @@ def tiny_pipeline_dir(tmp_path_factory):
     return folder
 
 
+def tiny_sdxl_pipeline():
+    """A complete, tiny StableDiffusionXLPipeline: two CLIP text encoders (the second with a projection, whose pooled
+    output the UNet takes), a `text_time` UNet attending to both encoders' hidden states side by side, VAE and
+    scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModelWithProjection
+
+    base = tiny_pipeline()
+    torch.manual_seed(0)
+    text_encoder_2 = CLIPTextModelWithProjection(base.text_encoder.config)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # both encoders' hidden size (32 + 32)
+        attention_head_dim=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (projection_dim) + six time ids
+        transformer_layers_per_block=(1, 2),
+    )
+    scheduler = EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """A tiny SDXL pipeline saved by diffusers: what --pretrained_model_name_or_path loads."""
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder
+
+
 def write_images(folder, count: int, seed: int, size: int = 40) -> None:
     """Small PNGs of coloured blocks, distinct per seed."""
     import numpy as np

@@ -80,3 +80,24 @@ def test_sd15_unet_meets_the_memory_budget(tmp_path):
     budget = json.loads(output.read_text())["sara_budget"]
     assert budget["memory_vs_frozen_budget"]["passes"], budget
     assert budget["memory_vs_full"]["passes"], budget
+
+
+def test_sdxl_architecture_and_full_fine_tuning_reported_as_not_run_beyond_the_memory_limit(tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.benchmark import full_fine_tuning_does_not_fit, unet_config
+
+    with torch.device("meta"):
+        sdxl = UNet2DConditionModel(**unet_config("sdxl"))
+    assert sum(p.numel() for p in sdxl.parameters()) == 2_567_463_684, "SDXL base 1.0's UNet"
+    assert "38.3 GiB" in full_fine_tuning_does_not_fit("sdxl", 24.0)
+    assert full_fine_tuning_does_not_fit("sd15", 24.0) is None  # 12.8 GiB: it runs
+    output = tmp_path / "bench.json"
+    command = [*BENCHMARK, "--model", "small", "--steps", "1", "--latent-size", "16", "--methods", "frozen,full"]
+    command += ["--memory-limit-gib", "0.01", "--output", str(output)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert list(report["results"]) == ["frozen"] and "more than 0.01 GiB" in report["not_run"]["full"]
+    assert "full: not run (" in result.stdout

@@ -83,3 +83,31 @@ def test_cached_latents_hold_the_vaes_distribution(tiny_pipeline_dir):
     drawn = sample_cached_latents(example["pixel_values"][None])
     torch.manual_seed(0)
     torch.testing.assert_close(drawn, distribution.mean + distribution.std * torch.randn_like(distribution.mean))
+
+
+def test_coordinates_name_the_pixels_returned():
+    """SDXL's crop conditioning: the reported corner locates the returned pixels in the resized image as returned
+    (flipped when flipped), whatever the crop and flip drawn."""
+    import random
+
+    import numpy as np
+
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 90, 3), dtype=np.uint8))
+    resized = source.resize((72, 32), Image.Resampling.BILINEAR)
+    flipped = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    transform = ImageTransform(32, center_crop=False, random_flip=True)
+    seen = set()
+    for seed in range(12):
+        random.seed(seed)
+        pixels, original_size, (top, left) = transform.with_coordinates(source)
+        assert original_size == (40, 90)
+        expected = {
+            image.crop((left, top, left + 32, top + 32)).tobytes() for image in (resized, flipped)
+        }  # the same corner in the unflipped or the flipped image
+        actual = ((pixels.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8).tobytes()
+        assert actual in expected
+        flipped_crop = flipped.crop((left, top, left + 32, top + 32)).tobytes() == actual
+        seen.add(flipped_crop)
+    assert seen == {True, False}, "both flipped and unflipped draws were checked"
+    pixels, original_size, corner = ImageTransform(32, center_crop=True, random_flip=False).with_coordinates(source)
+    assert corner == (0, 20) and torch.equal(pixels, ImageTransform(32, True, False)(source))

@@ -32,3 +32,29 @@ def test_targets_follow_the_prediction_type():
     torch.testing.assert_close(velocity_target, velocity_scheduler.get_velocity(latents, epsilon_target, timesteps))
     with pytest.raises(UserInputError, match="Unsupported prediction type sample"):
         diffusion_targets(DDPMScheduler(prediction_type="sample"), latents, noise_offset=0.0)
+
+
+def test_sdxl_conditioning_is_what_the_sdxl_pipeline_feeds_its_unet():
+    from conftest import tiny_sdxl_pipeline
+
+    from peft_sara.script_utils.data import tokenize
+    from peft_sara.script_utils.loss import SDXLDenoisingLoss
+
+    pipeline = tiny_sdxl_pipeline()
+    text_encoders = [pipeline.text_encoder, pipeline.text_encoder_2]
+    loss = SDXLDenoisingLoss(pipeline.vae, text_encoders, pipeline.unet, pipeline.scheduler, torch.float32, 32)
+    batch = {
+        "input_ids": tokenize(pipeline.tokenizer, "a photo of sks dog").unsqueeze(0),
+        "input_ids_2": tokenize(pipeline.tokenizer_2, "a photo of sks dog").unsqueeze(0),
+        "original_size": torch.tensor([[40, 90]]),
+        "crop_top_left": torch.tensor([[0, 20]]),
+    }
+    with torch.no_grad():
+        conditioning = loss.conditioning(batch)
+        prompt_embeds, _, pooled, _ = pipeline.encode_prompt("a photo of sks dog", do_classifier_free_guidance=False)
+    torch.testing.assert_close(conditioning["encoder_hidden_states"], prompt_embeds)
+    torch.testing.assert_close(conditioning["added_cond_kwargs"]["text_embeds"], pooled)
+    time_ids = pipeline._get_add_time_ids(
+        (40, 90), (0, 20), (32, 32), torch.float32, pipeline.text_encoder_2.config.projection_dim
+    )
+    torch.testing.assert_close(conditioning["added_cond_kwargs"]["time_ids"], time_ids)

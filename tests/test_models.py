@@ -41,3 +41,23 @@ def test_optimizer_is_adamw_with_the_given_settings():
     optimizer = make_optimizer([param], 1e-3, (0.8, 0.9), 0.01, 1e-6)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["eps"] == 1e-6
+
+
+def test_sdxl_base_loads_two_text_encoders_and_keeps_the_vae_in_fp32(tiny_sdxl_pipeline_dir, tmp_path):
+    import pytest
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from peft_sara.script_utils.cli import UserInputError
+    from peft_sara.script_utils.models import load_sdxl_base_models
+
+    tokenizers, text_encoders, vae, unet, _ = load_sdxl_base_models(
+        str(tiny_sdxl_pipeline_dir), None, None, None, torch.bfloat16, vae_path=str(tiny_sdxl_pipeline_dir / "vae")
+    )
+    assert len(tokenizers) == 2 and [type(encoder) for encoder in text_encoders] == [
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    ]
+    assert {text_encoders[0].dtype, text_encoders[1].dtype, unet.dtype} == {torch.bfloat16}
+    assert vae.dtype == torch.float32, "SDXL's VAE overflows in half precision"
+    with pytest.raises(UserInputError, match="Could not load the VAE"):
+        load_sdxl_base_models(str(tiny_sdxl_pipeline_dir), None, None, None, vae_path=str(tmp_path / "none"))

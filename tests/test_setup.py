@@ -56,3 +56,16 @@ def test_optimizer_holds_the_sara_values_only(accelerator, scale_lr, expected_lr
     assert list(models) == ["unet"] and [id(p) for p in params] == [id(p) for p in sara]
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected_lr)
     assert scheduler.scheduler.lr_lambdas[0](10) == 0.0  # the linear schedule ends at the run's last step
+
+
+def test_gradient_checkpointing_reaches_every_trained_text_encoder():
+    from conftest import tiny_clip_text_model
+
+    from peft_sara.script_utils.setup import enable_memory_savings
+
+    unet, encoders = tiny_unet(), [tiny_clip_text_model(), tiny_clip_text_model()]
+    enable_memory_savings(unet, encoders, gradient_checkpointing=True, xformers=False, train_text_encoder=True)
+    assert unet.is_gradient_checkpointing and all(encoder.is_gradient_checkpointing for encoder in encoders)
+    single = tiny_clip_text_model()
+    enable_memory_savings(tiny_unet(), single, gradient_checkpointing=True, xformers=False, train_text_encoder=False)
+    assert not single.is_gradient_checkpointing, "a frozen text encoder is not checkpointed"

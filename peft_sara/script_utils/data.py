@@ -63,7 +63,13 @@ class ImageTransform:
         self.resample = Image.Resampling[interpolation.upper()]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.with_coordinates(image)[0]
+
+    def with_coordinates(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """The transformed image, the original (height, width) and the crop's top-left (y, x) in the image as it is
+        returned (a flipped crop's x counted from the flipped side): SDXL's size and crop conditioning."""
         image = ImageOps.exif_transpose(image).convert("RGB")
+        original_size = (image.height, image.width)
         scale = self.resolution / min(image.size)
         width, height = (
             max(self.resolution, round(image.width * scale)),
@@ -77,8 +83,9 @@ class ImageTransform:
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and random.random() < 0.5:
             image = ImageOps.mirror(image)
+            left = width - left - self.resolution  # the same pixels as flipping first and cropping there
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), original_size, (top, left)
 
 
 def data_generator(seed: int | None) -> torch.Generator:

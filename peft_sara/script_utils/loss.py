@@ -11,12 +11,19 @@ from .data import sample_cached_latents
 
 
 def encode_latents(vae, images: torch.Tensor, cached: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Scaled latents of a batch of images, or drawn from their cached distributions (`--cache_latents`)."""
+    """Scaled latents of a batch of images in `dtype`, or drawn from their cached distributions (`--cache_latents`).
+    The images are encoded in the VAE's own dtype (SDXL's stays fp32 under mixed precision); a VAE with latent
+    statistics in its config has them normalised out, as its pipeline expects."""
     if cached:
         latents = sample_cached_latents(images.to(vae.device)).to(dtype)
     else:
-        latents = vae.encode(images.to(dtype)).latent_dist.sample()
-    return latents * vae.config.scaling_factor
+        latents = vae.encode(images.to(vae.dtype)).latent_dist.sample()
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        latents = (latents - mean) / std
+    return (latents * vae.config.scaling_factor).to(dtype)
 
 
 def diffusion_targets(noise_scheduler, latents: torch.Tensor, noise_offset: float):
@@ -77,6 +84,66 @@ class DenoisingLoss:
         latents = encode_latents(self.vae, batch["pixel_values"], self.cached_latents, self.weight_dtype)
         noisy_latents, timesteps, target = diffusion_targets(self.noise_scheduler, latents, self.noise_offset)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains()):
-            text_embeddings = self.text_encoder(batch["input_ids"])[0]
-        prediction = self.unet(noisy_latents, timesteps, text_embeddings).sample
+            conditioning = self.conditioning(batch)
+        prediction = self.unet(noisy_latents, timesteps, **conditioning).sample
         return per_sample_loss(prediction, target, self.noise_scheduler, timesteps, self.snr_gamma)
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict:
+        """The UNet's conditioning inputs: the text encoder's last hidden states."""
+        return {"encoder_hidden_states": self.text_encoder(batch["input_ids"])[0]}
+
+
+def encode_sdxl_prompt(text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning, as its pipeline computes it: every encoder's penultimate hidden states side by
+    side, and the last encoder's pooled (projected) output."""
+    hidden_states = []
+    for text_encoder, ids in zip(text_encoders, input_ids):
+        output = text_encoder(ids, output_hidden_states=True)
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output[0]
+
+
+def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL's size and crop conditioning of a batch: (original height, width, crop top, left, target height,
+    width) per image; the target is the square training resolution."""
+    target = torch.tensor([resolution, resolution], device=original_sizes.device).expand(len(original_sizes), 2)
+    return torch.cat([original_sizes, crop_top_lefts, target], dim=1)
+
+
+class SDXLDenoisingLoss(DenoisingLoss):
+    """The denoising loss of SDXL's UNet: text from both encoders, pooled text and time ids as added conditions."""
+
+    def __init__(
+        self,
+        vae,
+        text_encoders: list,
+        unet,
+        noise_scheduler,
+        weight_dtype: torch.dtype,
+        resolution: int,
+        noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
+        cached_latents: bool = False,
+        text_encoder_trains: Callable[[], bool] | None = None,
+    ) -> None:
+        super().__init__(
+            vae,
+            None,
+            unet,
+            noise_scheduler,
+            weight_dtype,
+            noise_offset,
+            snr_gamma,
+            cached_latents,
+            text_encoder_trains,
+        )
+        self.text_encoders, self.resolution = list(text_encoders), resolution
+
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict:
+        input_ids = [batch["input_ids"], batch["input_ids_2"]]
+        hidden_states, pooled = encode_sdxl_prompt(self.text_encoders, input_ids)
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], self.resolution)
+        return {
+            "encoder_hidden_states": hidden_states,
+            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(self.weight_dtype)},
+        }

@@ -37,6 +37,84 @@ def load_base_models(
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
+def load_sdxl_base_models(
+    pretrained_model_name_or_path: str,
+    revision: str | None,
+    variant: str | None,
+    prediction_type: str | None,
+    dtype: torch.dtype = torch.float32,
+    vae_path: str | None = None,
+):
+    """Both tokenizers and text encoders (the second with its projection, whose pooled output SDXL's UNet takes),
+    the VAE (from `vae_path` when given, e.g. the fp16-safe one), UNet and noise scheduler of an SDXL pipeline. The
+    VAE is loaded in fp32 whatever `dtype` is, as diffusers' SDXL DreamBooth script keeps it (SDXL's own VAE
+    overflows in fp16)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    source = {"pretrained_model_name_or_path": pretrained_model_name_or_path, "revision": revision}
+    try:
+        tokenizers = [CLIPTokenizer.from_pretrained(subfolder=name, **source) for name in ("tokenizer", "tokenizer_2")]
+        noise_scheduler = DDPMScheduler.from_pretrained(subfolder="scheduler", **source)
+        text_encoders = [
+            CLIPTextModel.from_pretrained(subfolder="text_encoder", variant=variant, dtype=dtype, **source),
+            CLIPTextModelWithProjection.from_pretrained(
+                subfolder="text_encoder_2", variant=variant, dtype=dtype, **source
+            ),
+        ]
+        unet = UNet2DConditionModel.from_pretrained(subfolder="unet", variant=variant, dtype=dtype, **source)
+    except (OSError, ValueError) as error:
+        raise UserInputError(
+            f"Could not load the SDXL base pipeline {pretrained_model_name_or_path}: {error}"
+        ) from error
+    vae = load_vae(pretrained_model_name_or_path, revision, variant, torch.float32, vae_path)
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    return tokenizers, text_encoders, vae, unet, noise_scheduler
+
+
+def load_vae(
+    pretrained_model_name_or_path: str,
+    revision: str | None,
+    variant: str | None,
+    dtype: torch.dtype,
+    vae_path: str | None = None,
+):
+    """The base's VAE, or the one at `vae_path` (a VAE repo or folder of its own: the base's revision and variant
+    do not apply to it)."""
+    from diffusers import AutoencoderKL
+
+    try:
+        if vae_path is None:
+            return AutoencoderKL.from_pretrained(
+                pretrained_model_name_or_path, subfolder="vae", revision=revision, variant=variant, dtype=dtype
+            )
+        return AutoencoderKL.from_pretrained(vae_path, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise UserInputError(f"Could not load the VAE {vae_path or pretrained_model_name_or_path}: {error}") from error
+
+
+def load_pipeline(
+    pretrained_model_name_or_path: str,
+    revision: str | None,
+    variant: str | None,
+    dtype: torch.dtype = torch.float32,
+    sdxl: bool = False,
+    vae_path: str | None = None,
+):
+    """The base pipeline for sampling (class images, final validation): Stable Diffusion without its safety checker,
+    or SDXL with the VAE at `vae_path` when given."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    source = {"revision": revision, "variant": variant, "dtype": dtype}
+    if not sdxl:
+        return StableDiffusionPipeline.from_pretrained(
+            pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False, **source
+        )
+    extra = {"vae": load_vae(pretrained_model_name_or_path, revision, variant, dtype, vae_path)} if vae_path else {}
+    return StableDiffusionXLPipeline.from_pretrained(pretrained_model_name_or_path, **source, **extra)
+
+
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     """dtype of the frozen weights under the run's mixed precision (`accelerator.mixed_precision`)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)

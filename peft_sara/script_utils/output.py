@@ -131,15 +131,24 @@ def write_model_card(
     new_tokens: dict[str, list[str]] | None = None,
     embeddings_file: str | None = None,
     embedding_keys: Sequence[str] = ("clip_l",),
+    sdxl: bool = False,
+    vae_path: str | None = None,
 ) -> Path:
     """README.md with the Hub's metadata (library, base model, tags), how to load the adapter (and the new tokens of
-    pivotal tuning, `new_tokens` by abstraction, saved in `embeddings_file` under `embedding_keys`), and the images."""
+    pivotal tuning, `new_tokens` by abstraction, saved in `embeddings_file` under `embedding_keys`), and the images.
+    `sdxl`: the base is an SDXL pipeline (its tags, class, two text encoders), sampled with the VAE at `vae_path`."""
     tags = ["sara", "peft", "diffusers", "text-to-image"] + (["dreambooth"] if instance_prompt else [])
+    tags += ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else []
     front_matter = ["---", "library_name: peft", f"base_model: {base_model}", "tags:"] + [f"- {tag}" for tag in tags]
     if instance_prompt:
         front_matter.append(f"instance_prompt: {json.dumps(instance_prompt)}")
     front_matter.append("---")
-    components = "UNet and text encoder" if train_text_encoder else "UNet"
+    text_encoders = "both text encoders" if sdxl else "text encoder"
+    components = f"UNet and {text_encoders}" if train_text_encoder else "UNet"
+    folders = ["unet"] + (["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]) * train_text_encoder
+    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+    imports = f"AutoencoderKL, {pipeline_class}" if vae_path else pipeline_class
+    vae_line = f'vae = AutoencoderKL.from_pretrained("{vae_path}")\n' if vae_path else ""
     what = f"DreamBooth on `{instance_prompt}`" if instance_prompt else "text-to-image fine-tuning"
     base_link = (
         f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
@@ -156,14 +165,14 @@ SaRA adapter weights ({components}) for {base_link}, trained with
 ```python
 import torch
 import peft_sara  # registers the SaRA adapter type with PEFT
-from diffusers import StableDiffusionPipeline
+from diffusers import {imports}
 
-pipe = StableDiffusionPipeline.from_pretrained("{base_model}")
+{vae_line}pipe = {pipeline_class}.from_pretrained("{base_model}"{", vae=vae" if vae_path else ""})
 peft_sara.load_sara_weights(pipe, "{repo_id}")
 image = pipe({json.dumps(instance_prompt or validation_prompt or "a photo")}).images[0]
 ```
 
-The folders `unet/`{" and `text_encoder/`" if train_text_encoder else ""} are standard PEFT adapters:
+The folders {", ".join(f"`{folder}/`" for folder in folders)} are standard PEFT adapters:
 `PeftModel.from_pretrained(unet, "{repo_id}", subfolder="unet")` works too, after `import peft_sara`.
 {_new_tokens_section(repo_id, new_tokens, embeddings_file, embedding_keys) if new_tokens else ""}{
         ""
@@ -250,15 +259,25 @@ def finish_output(
     instance_prompt: str | None = None,
     new_tokens: dict[str, list[str]] | None = None,
     embedding_keys: Sequence[str] = ("clip_l",),
+    sdxl: bool = False,
+    vae_path: str | None = None,
 ) -> None:
     """After the adapters are saved: their LoRA export if asked for, final images from a fresh pipeline loaded with
-    them, model card, Hub upload."""
+    them, model card, Hub upload. `sdxl` and `vae_path` say how the base pipeline loads (`models.load_pipeline`)."""
     from .validation import final_validation
 
     if args.export_lora_rank is not None:
         export_run_as_lora(args.output_dir, args.export_lora_rank)
     images = final_validation(
-        accelerator, args.pretrained_model_name_or_path, args.revision, args.variant, args.output_dir, validation, step
+        accelerator,
+        args.pretrained_model_name_or_path,
+        args.revision,
+        args.variant,
+        args.output_dir,
+        validation,
+        step,
+        sdxl,
+        vae_path,
     )
     repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
     write_model_card(
@@ -272,6 +291,8 @@ def finish_output(
         new_tokens=new_tokens,
         embeddings_file=embeddings_file_name(args.output_dir),
         embedding_keys=embedding_keys,
+        sdxl=sdxl,
+        vae_path=vae_path,
     )
     if args.push_to_hub:
         push_output_to_hub(args.output_dir, repo_id, args.hub_token)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -18,10 +19,13 @@ def make_accelerator(
     report_to: str,
     seed: int | None,
     allow_tf32: bool = False,
+    find_unused_parameters: bool = False,
 ):
-    """The Accelerator of a run (precision, accumulation, trackers, logging folder), with logging and seeds set."""
+    """The Accelerator of a run (precision, accumulation, trackers, logging folder), with logging and seeds set.
+    `find_unused_parameters` lets DDP train a model part of which the loss does not reach (SDXL takes the first text
+    encoder's penultimate layer, so its last layer gets no gradient)."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -29,6 +33,7 @@ def make_accelerator(
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(output_dir, os.path.join(output_dir, logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # reproducible shuffles, also on resume
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else [],
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if seed is not None:
@@ -39,13 +44,19 @@ def make_accelerator(
 
 
 def enable_memory_savings(
-    unet, text_encoder, gradient_checkpointing: bool, xformers: bool, train_text_encoder: bool
+    unet,
+    text_encoders: torch.nn.Module | Sequence[torch.nn.Module],
+    gradient_checkpointing: bool,
+    xformers: bool,
+    train_text_encoder: bool,
 ) -> None:
-    """Gradient checkpointing (UNet, and the text encoder when it trains) and xformers attention in the UNet."""
+    """Gradient checkpointing (UNet, and the text encoder or encoders when they train) and xformers attention in the
+    UNet."""
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for text_encoder in [text_encoders] if isinstance(text_encoders, torch.nn.Module) else text_encoders:
+                text_encoder.gradient_checkpointing_enable()
     if xformers:
         unet.enable_xformers_memory_efficient_attention()
 

@@ -49,10 +49,21 @@ def generate_validation_images(
         ]
 
 
-def validation_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler):
-    """A pipeline around the models in training: nothing is loaded again and no component changes dtype."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+def validation_pipeline(vae, text_encoder, tokenizer, unet, noise_scheduler, text_encoder_2=None, tokenizer_2=None):
+    """A pipeline around the models in training: nothing is loaded again and no component changes dtype. With a
+    second text encoder and tokenizer it is an SDXL pipeline."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(noise_scheduler.config),
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -90,9 +101,12 @@ def in_training_validator(
     noise_scheduler,
     settings: ValidationSettings,
     output_dir: str,
+    text_encoder_2=None,
+    tokenizer_2=None,
 ) -> Callable[[int], None]:
     """`validate(step)` for the loop: samples the validation prompt with the models in training (main process), then
-    puts them back in training mode. `models` are the prepared ones; the text encoder is the trained one if any."""
+    puts them back in training mode. `models` are the prepared ones; a text encoder found there is the trained one.
+    SDXL passes its second text encoder and tokenizer."""
     from .models import weight_dtype_of
 
     def validate(step: int) -> None:
@@ -102,7 +116,13 @@ def in_training_validator(
         for model in unwrapped.values():
             model.eval()
         pipeline = validation_pipeline(
-            vae, unwrapped.get("text_encoder", text_encoder), tokenizer, unwrapped["unet"], noise_scheduler
+            vae,
+            unwrapped.get("text_encoder", text_encoder),
+            tokenizer,
+            unwrapped["unet"],
+            noise_scheduler,
+            unwrapped.get("text_encoder_2", text_encoder_2),
+            tokenizer_2,
         ).to(accelerator.device)
         images = generate_validation_images(pipeline, settings, weight_dtype_of(accelerator.mixed_precision))
         log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
@@ -120,17 +140,16 @@ def final_validation(
     output_dir: str,
     settings: ValidationSettings,
     step: int,
+    sdxl: bool = False,
+    vae_path: str | None = None,
 ) -> list[Path]:
     """Images of the saved adapters, loaded as a user loads them into a fresh pipeline (none without a prompt)."""
-    from diffusers import StableDiffusionPipeline
-
     from ..loading import load_sara_weights
+    from .models import load_pipeline
 
     if not settings.prompt:
         return []
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        base_model, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False
-    )
+    pipeline = load_pipeline(base_model, revision, variant, sdxl=sdxl, vae_path=vae_path)
     load_sara_weights(pipeline, output_dir)
     pipeline.to(accelerator.device)
     return log_validation(
