@@ -62,7 +62,7 @@ from peft_sara.script_utils.models import (
 from peft_sara.script_utils.output import SAVE_DTYPES, finish_output, lock_output_dir, save_adapters
 from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
-from peft_sara.script_utils.stopping import TrainsFor
+from peft_sara.script_utils.stopping import text_encoder_schedules
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
 
@@ -175,14 +175,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         training = peft_sara.attach([models[name] for name in adapted], optimizer)
         # The text encoder's part trains for the first part of the run: --train_text_encoder_ti_frac (new tokens) or
         # --train_text_encoder_frac (its adapter); every step keeps what does not train bit-exact.
-        text_encoder_states = []
-        if new_tokens is not None:
-            new_tokens.attach(optimizer, loop.run_settings["text_encoder_ti_steps"])
-            text_encoder_states.append(new_tokens)
-        if loop.run_settings.get("text_encoder_steps") is not None:
-            text_encoder_params = [p for p in models["text_encoder"].parameters() if p.requires_grad]
-            steps = loop.run_settings["text_encoder_steps"]
-            text_encoder_states.append(TrainsFor("text_encoder", text_encoder_params, steps, optimizer))
+        text_encoder_states = text_encoder_schedules(
+            optimizer,
+            new_tokens,
+            loop.run_settings.get("text_encoder_ti_steps"),
+            [p for p in models["text_encoder"].parameters() if p.requires_grad] if args.train_text_encoder else [],
+            loop.run_settings.get("text_encoder_steps"),
+        )
         # checkpoints hold the adapters and the new tokens, not the models
         register_checkpointing(accelerator, {name: models[name] for name in adapted}, training, text_encoder_states)
         # End of new code #

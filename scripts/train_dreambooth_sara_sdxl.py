@@ -11,8 +11,10 @@ LoRA.
       --validation_prompt "a photo of sks dog in a bucket" --output_dir sks-dog-sdxl
 
 The output folder holds `unet/` (and `text_encoder/`, `text_encoder_2/` with --train_text_encoder) as PEFT adapter
-folders, a model card, and the validation images; load it into a StableDiffusionXLPipeline with
-`peft_sara.load_sara_weights(pipe, output_dir)`.
+folders, with --train_text_encoder_ti (pivotal tuning: "a photo of TOK dog" trains new tokens <s0><s1> in both text
+encoders) the new tokens' embeddings `<output folder name>_emb.safetensors` (`clip_l`, `clip_g`), a model card, and
+the validation images; load it all into a StableDiffusionXLPipeline with `peft_sara.load_sara_weights(pipe,
+output_dir)`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import peft_sara
 from peft_sara.script_utils.arguments import (
     ArgumentParser,
     add_model_and_output_arguments,
+    add_pivotal_arguments,
     add_sara_arguments,
     add_training_arguments,
     add_validation_and_hub_arguments,
@@ -40,7 +43,7 @@ from peft_sara.script_utils.checkpoints import (
     register_checkpointing,
     run_settings,
 )
-from peft_sara.script_utils.checks import check_common_arguments
+from peft_sara.script_utils.checks import check_common_arguments, check_pivotal_arguments
 from peft_sara.script_utils.cli import UserInputError, run_main
 from peft_sara.script_utils.data import CachedLatents, ImageTransform, list_images, make_dataloader
 from peft_sara.script_utils.dreambooth import (
@@ -61,7 +64,9 @@ from peft_sara.script_utils.models import (
     weight_dtype_of,
 )
 from peft_sara.script_utils.output import SAVE_DTYPES, finish_output, lock_output_dir, save_adapters
+from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.stopping import text_encoder_schedules
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -80,6 +85,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_dreambooth_arguments(parser)
     add_sara_arguments(parser)
     add_training_arguments(parser)
+    add_pivotal_arguments(parser)
     add_validation_and_hub_arguments(parser)
     parser.set_defaults(resolution=1024)
     return parser
@@ -107,6 +113,15 @@ def check_args(args: argparse.Namespace) -> None:
             "saved by AutoencoderKL.save_pretrained or a Hub repo id."
         )
     check_dreambooth_arguments(args)
+    # New Code #
+    # Pivotal tuning: TOK in the prompts stands for new tokens <s0><s1>... (a prompt without it is refused here).
+    args.new_tokens = check_pivotal_arguments(args)
+    if args.new_tokens:
+        args.instance_prompt, args.class_prompt, args.validation_prompt = (
+            insert_new_tokens(prompt, args.new_tokens)
+            for prompt in (args.instance_prompt, args.class_prompt, args.validation_prompt)
+        )
+    # End of new code #
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -121,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.report_to,
             args.seed,
             args.allow_tf32,
-            find_unused_parameters=args.train_text_encoder,  # the first text encoder's last layer is not used
+            # the first text encoder's last layer is not used
+            find_unused_parameters=args.train_text_encoder,
         )
         weight_dtype = weight_dtype_of(accelerator.mixed_precision)
         vae_path = args.pretrained_vae_model_name_or_path
@@ -142,6 +158,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
         freeze([*text_encoders, unet], accelerator.device, weight_dtype)
         freeze([vae], accelerator.device, torch.float32)
+        # New Code #
+        # Pivotal tuning: the new tokens join both tokenizers before any prompt is tokenized; their embedding rows in
+        # both text encoders train (saved as clip_l and clip_g).
+        new_tokens = None
+        if args.new_tokens:
+            tokens = [token for tokens in args.new_tokens.values() for token in tokens]
+            new_tokens = NewTokenEmbeddings(list(zip(tokenizers, text_encoders)), tokens)
+        # End of new code #
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
         dataset = DreamBoothDataset(
             args.instance_images,
@@ -163,14 +187,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # 3. SaRA: an adapter that trains the weights below θ of the UNet (and both text encoders); values stay fp32.
         unet_config, text_encoder_config = sara_configs(loop.run_settings)
         add_sara_adapter(unet, unet_config, "UNet")
-        models = {"unet": unet}
+        adapted = {"unet": unet}
         if args.train_text_encoder:
             for name, text_encoder in zip(TEXT_ENCODERS, text_encoders):
                 add_sara_adapter(text_encoder, text_encoder_config, name.replace("_", " "))
-                models[name] = text_encoder
+                adapted[name] = text_encoder
         loop.run_settings["unet_threshold"] = unet.peft_config["default"].threshold  # resolved from --target_fraction
         if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
-            load_checkpoint_adapters(models, checkpoint)
+            load_checkpoint_adapters(adapted, checkpoint)
+        models = dict(adapted)  # the models that train: with pivotal tuning, the text encoders' new rows too
+        if new_tokens is not None:
+            models.update(zip(TEXT_ENCODERS, text_encoders))
         learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
         # End of new code #
 
@@ -186,8 +213,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
         # New Code #
         # The one extra line of SaRA training: optimizer.step() now applies the regulariser and the progressive step.
-        training = peft_sara.attach(list(models.values()), optimizer)
-        register_checkpointing(accelerator, models, training)  # checkpoints hold the adapters, not the models
+        training = peft_sara.attach([models[name] for name in adapted], optimizer)
+        # The text encoders' part trains for the first part of the run: --train_text_encoder_ti_frac (new tokens) or
+        # --train_text_encoder_frac (their adapters); every step keeps what does not train bit-exact.
+        text_encoder_states = text_encoder_schedules(
+            optimizer,
+            new_tokens,
+            loop.run_settings.get("text_encoder_ti_steps"),
+            [p for name in TEXT_ENCODERS if name in adapted for p in models[name].parameters() if p.requires_grad],
+            loop.run_settings.get("text_encoder_steps"),
+        )
+        # checkpoints hold the adapters and the new tokens, not the models
+        register_checkpointing(accelerator, {name: models[name] for name in adapted}, training, text_encoder_states)
         # End of new code #
         if accelerator.is_main_process:
             accelerator.init_trackers(args.tracker_project_name or "sara-dreambooth-sdxl", config=tracker_config(args))
@@ -216,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.noise_offset,
             args.snr_gamma,
             args.cache_latents,
+            text_encoder_trains=lambda: all(state.trains for state in text_encoder_states),  # re-encoded every step
         )
 
         def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -240,12 +278,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # New Code #
-            unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+            unwrapped = {name: accelerator.unwrap_model(models[name]) for name in adapted}
             save_adapters(
                 args.output_dir,
                 unwrapped,
                 base_model=args.pretrained_model_name_or_path,
                 dtype=SAVE_DTYPES[args.save_precision],
+                token_embeddings=new_tokens.embeddings() if new_tokens else None,  # <output name>_emb.safetensors
+                tokens=new_tokens.tokens if new_tokens else (),
             )
             # End of new code #
             finish_output(
@@ -254,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 validation,
                 global_step,
                 instance_prompt=args.instance_prompt,
+                new_tokens=args.new_tokens,
+                embedding_keys=("clip_l", "clip_g"),
                 sdxl=True,
                 vae_path=vae_path,
             )

@@ -190,15 +190,16 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 def tiny_sdxl_pipeline():
-    """A complete, tiny StableDiffusionXLPipeline: two CLIP text encoders (the second with a projection, whose pooled
-    output the UNet takes), a `text_time` UNet attending to both encoders' hidden states side by side, VAE and
-    scheduler."""
+    """A complete, tiny StableDiffusionXLPipeline: two CLIP text encoders (the second wider, as OpenCLIP bigG is than
+    CLIP L, and with a projection, whose pooled output the UNet takes), a `text_time` UNet attending to both encoders'
+    hidden states side by side, VAE and scheduler."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
 
     base = tiny_pipeline()
     torch.manual_seed(0)
-    text_encoder_2 = CLIPTextModelWithProjection(base.text_encoder.config)
+    config_2 = base.text_encoder.config.to_dict() | {"hidden_size": 48, "intermediate_size": 96}
+    text_encoder_2 = CLIPTextModelWithProjection(type(base.text_encoder.config)(**config_2))
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -206,7 +207,7 @@ def tiny_sdxl_pipeline():
         block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,  # both encoders' hidden size (32 + 32)
+        cross_attention_dim=80,  # both encoders' hidden sizes (32 + 48)
         attention_head_dim=4,
         layers_per_block=1,
         norm_num_groups=8,

@@ -1,5 +1,5 @@
 """scripts/train_dreambooth_sara_sdxl.py on a tiny SDXL pipeline: output, both text encoders, resume, loading into a
-StableDiffusionXLPipeline, several processes, bad input."""
+StableDiffusionXLPipeline, several processes, pivotal tuning, bad input."""
 
 from __future__ import annotations
 
@@ -123,6 +123,107 @@ def test_two_processes_with_accelerate(sdxl_args, tmp_path):
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     for component in ("unet", "text_encoder", "text_encoder_2"):
         assert (output / component / "adapter_model.safetensors").is_file()
+
+
+def pivotal_args(sdxl_args, output):
+    args = [arg if arg != "a photo of sks dog" else "a photo of TOK dog" for arg in sdxl_args]
+    return args + ["--train_text_encoder_ti", "--learning_rate", "5e-2", "--output_dir", str(output)]
+
+
+def test_pivotal_tuning_trains_new_tokens_in_both_text_encoders(sdxl_args, tiny_sdxl_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    script = load_script(SCRIPT_NAME)
+    runs = []
+
+    class RecordedNewTokens(script.NewTokenEmbeddings):  # the run's own text encoders' rows, read after training
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.initial = self.embeddings()
+            runs.append(self)
+
+    script.NewTokenEmbeddings = RecordedNewTokens
+    output = tmp_path / "tok-dog"
+    args = pivotal_args(sdxl_args, output) + ["--max_train_steps", "4", "--checkpointing_steps", "2"]
+    script.main(args + ["--validation_prompt", "TOK in a bucket"])  # the new tokens train for half of the run
+
+    with safe_open(output / "tok-dog_emb.safetensors", framework="pt") as handle:
+        saved = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert sorted(saved) == ["clip_g", "clip_l"]
+    assert saved["clip_l"].shape == (2, 32) and saved["clip_g"].shape == (2, 48), "each text encoder's width"
+    at_step_2 = load_file(output / "checkpoint-2" / "sara_token_embeddings.safetensors")
+    (run,) = runs
+    for key in ("clip_l", "clip_g"):
+        assert not torch.equal(saved[key], run.initial[key]), f"the {key} rows trained"
+        assert torch.equal(saved[key], at_step_2[key]), "they stopped after --train_text_encoder_ti_frac of the run"
+    base_encoders = (
+        CLIPTextModel.from_pretrained(tiny_sdxl_pipeline_dir, subfolder="text_encoder"),
+        CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_pipeline_dir, subfolder="text_encoder_2"),
+    )
+    for rows, base_encoder, key in zip(run.rows, base_encoders, ("clip_l", "clip_g")):
+        base = base_encoder.get_input_embeddings().weight.detach()
+        trained = rows.weight.detach()[: len(base)]
+        others = torch.ones(len(base), dtype=torch.bool)
+        others[rows.ids[rows.ids < len(base)]] = False
+        assert torch.equal(trained[others], base[others]), f"every other {key} row stays bit-exact"
+        assert torch.equal(rows.weight.detach()[rows.ids], saved[key])
+    card = (output / "README.md").read_text()
+    assert 'instance_prompt: "a photo of <s0><s1> dog"' in card and "`TOK` → `<s0><s1>`" in card
+    assert (
+        'load_textual_inversion(state_dict["clip_g"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder_2, '
+        "tokenizer=pipe.tokenizer_2)" in card
+    )
+    assert (output / "validation" / "final-0.png").is_file(), "sampled from a pipeline that loaded the tokens"
+
+    def load(**kwargs):
+        pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
+        pipeline.set_progress_bar_config(disable=True)
+        peft_sara.load_sara_weights(pipeline, str(output), **kwargs)
+        return pipeline
+
+    def images(pipeline):
+        generator = torch.Generator().manual_seed(0)
+        prompt = "a photo of <s0><s1> dog"
+        return pipeline(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np")
+
+    one_call, adapter_only = load(), load(components=["unet"])
+    for key, tokenizer, text_encoder in (
+        ("clip_l", one_call.tokenizer, one_call.text_encoder),
+        ("clip_g", one_call.tokenizer_2, one_call.text_encoder_2),
+    ):
+        ids = tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+        assert torch.equal(text_encoder.get_input_embeddings().weight[ids], saved[key])
+    with_tokens, without_tokens = images(one_call).images, images(adapter_only).images
+    assert np.abs(with_tokens - without_tokens).max() > 1e-3, "the new tokens change the images of their prompt"
+    # as the model card shows: the adapters, then diffusers' own loader for each text encoder
+    for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
+        adapter_only.load_textual_inversion(
+            saved[key],
+            token=["<s0>", "<s1>"],
+            text_encoder=getattr(adapter_only, f"text_encoder{suffix}"),
+            tokenizer=getattr(adapter_only, f"tokenizer{suffix}"),
+        )
+    np.testing.assert_allclose(images(adapter_only).images, with_tokens, atol=1e-5)
+
+
+def test_a_prompt_without_the_token_abstraction_is_one_error_line(sdxl_args, tmp_path):
+    args = [*sdxl_args, "--output_dir", str(tmp_path / "out"), "--train_text_encoder_ti"]
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / "no-model")  # nothing may load
+    result = subprocess.run(
+        [sys.executable, SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --instance_prompt 'a photo of sks dog' does not contain the token abstraction 'TOK': with "
+        '--train_text_encoder_ti write it where the subject is named, e.g. "a photo of TOK dog" (or set '
+        "--token_abstraction)."
+    ]
 
 
 def bad_input_cases(tmp_path, sd_pipeline_dir):

@@ -4,9 +4,14 @@ optimizer steps they keep their values, bit-exact, whatever the optimizer or SaR
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .pivotal import NewTokenEmbeddings
 
 
 class TrainsFor:
@@ -55,3 +60,23 @@ class TrainsFor:
         self.step, self.trains, self._kept = int(state["step"]), True, []
         if not state["trains"] or self.step >= self.steps:
             self._stop()
+
+
+def text_encoder_schedules(
+    optimizer,
+    new_tokens: NewTokenEmbeddings | None,
+    new_token_steps: int | None,
+    adapter_params: Sequence[torch.nn.Parameter],
+    adapter_steps: int | None,
+) -> list[NewTokenEmbeddings | TrainsFor]:
+    """What trains in the text encoders for the first part of a run only, attached to `optimizer`: pivotal tuning's
+    `new_tokens` for `new_token_steps` (--train_text_encoder_ti_frac), or the text encoders' adapter parameters for
+    `adapter_steps` (--train_text_encoder_frac; None: no adapter). Checkpoints hold their states; once none
+    `trains`, the text encoders run without gradients."""
+    states: list[NewTokenEmbeddings | TrainsFor] = []
+    if new_tokens is not None:
+        new_tokens.attach(optimizer, new_token_steps)
+        states.append(new_tokens)
+    if adapter_steps is not None:
+        states.append(TrainsFor("text_encoder", list(adapter_params), adapter_steps, optimizer))
+    return states
