@@ -1,11 +1,10 @@
-"""peft_sara.script_utils.output: adapter folders written whole, the model card, the output folder's lock."""
+"""peft_sara.script_utils.output: adapter folders written whole, the output folder's lock."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import tiny_unet
-from PIL import Image
 from safetensors import safe_open
 
 import peft_sara
@@ -15,7 +14,6 @@ from peft_sara.script_utils.output import (
     SAVE_ID_KEY,
     lock_output_dir,
     save_adapters,
-    write_model_card,
 )
 
 
@@ -61,20 +59,6 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
                 pass
     with lock_output_dir(str(tmp_path / "out")):  # free again once the first run ends
         pass
-
-
-def test_model_card_for_text_to_image_and_dreambooth(tmp_path):
-    (tmp_path / "validation").mkdir()
-    image = tmp_path / "validation" / "final-0.png"
-    Image.new("RGB", (4, 4)).save(image)
-    card = write_model_card(str(tmp_path), "me/style", "org/base", [image], False, validation_prompt="a castle")
-    text = card.read_text()
-    assert "library_name: peft" in text and "base_model: org/base" in text and "- text-to-image" in text
-    assert "dreambooth" not in text and "![final-0](validation/final-0.png)" in text
-    assert "[org/base](https://huggingface.co/org/base)" in text
-    text = write_model_card(str(tmp_path), "me/dog", str(tmp_path), [], True, instance_prompt="sks dog").read_text()
-    assert "- dreambooth" in text and 'instance_prompt: "sks dog"' in text and "text_encoder/" in text
-    assert "https://huggingface.co/" + str(tmp_path) not in text  # a local base is not linked to the Hub
 
 
 def test_an_output_folder_that_cannot_be_created_is_one_line(tmp_path):

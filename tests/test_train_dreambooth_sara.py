@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -296,7 +297,9 @@ def pivotal_args(dreambooth_args, output):
     ]
 
 
-def test_pivotal_tuning_trains_saves_and_reloads_the_new_tokens(dreambooth_args, tiny_pipeline_dir, tmp_path):
+def test_pivotal_tuning_trains_saves_and_reloads_the_new_tokens(
+    dreambooth_args, tiny_pipeline_dir, tmp_path, monkeypatch
+):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
@@ -314,6 +317,14 @@ def test_pivotal_tuning_trains_saves_and_reloads_the_new_tokens(dreambooth_args,
     card = (output / "README.md").read_text()
     assert 'instance_prompt: "a photo of <s0><s1> dog"' in card and "`TOK` → `<s0><s1>`" in card
     assert 'load_textual_inversion(state_dict["clip_l"], token=["<s0>", "<s1>"]' in card
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    blocks = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:  # every snippet of the card runs as copied, from another folder
+        exec(block, {})
+    assert (elsewhere / "sara.png").is_file()
     assert (output / "validation" / "final-0.png").is_file(), "sampled from a pipeline that loaded the tokens"
 
     def text_embeddings(pipeline):

@@ -65,9 +65,10 @@ def fake_hub(monkeypatch):
         files = [p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file()]
         uploads.append((repo_id, sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))))
 
-    monkeypatch.setattr(
-        huggingface_hub, "create_repo", lambda repo_id, **kwargs: type("Repo", (), {"repo_id": repo_id})
-    )
+    def create_repo(repo_id, **kwargs):  # as the Hub does: a bare name goes to the token's user
+        return type("Repo", (), {"repo_id": repo_id if "/" in repo_id else f"someone/{repo_id}"})
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
     return uploads
 
@@ -102,8 +103,12 @@ def test_push_without_a_validation_prompt(text_to_image_args, monkeypatch):
     )
     saved = load_file(output / "unet" / "adapter_model.safetensors")
     assert {tensor.dtype for key, tensor in saved.items() if "sara_values" in key} == {torch.bfloat16}
-    [(_, files)] = uploads
+    [(repo_id, files)] = uploads
     assert "unet/adapter_model.safetensors" in files and not any(name.startswith("validation/") for name in files)
+    assert repo_id == f"someone/{output.name}"
+    card = (output / "README.md").read_text()
+    assert f'load_sara_weights(pipe, "someone/{output.name}")' in card, "the card names the repo the Hub created"
+    assert str(output) not in card
 
 
 def test_bf16_run_keeps_the_sara_values_in_fp32(text_to_image_args, tmp_path):

@@ -1,4 +1,5 @@
-"""What a run leaves behind: the adapters as PEFT folders, the model card, and the upload to the Hub."""
+"""What a run leaves behind: the adapters as PEFT folders, their LoRA export, and the upload to the Hub (the model
+card is `model_card.py`'s)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from ..loading import COMPONENTS_KEY, EMBEDDINGS_KEY, SAVE_ID_KEY
 from ..tokens import TOKENS_KEY
 from .cli import UserInputError, get_logger, is_main_process
+from .model_card import write_model_card
 from .pivotal import embeddings_file_name
 
 try:
@@ -120,116 +122,17 @@ def save_adapters(
         shutil.rmtree(doomed, ignore_errors=True)
 
 
-def write_model_card(
-    output_dir: str,
-    repo_id: str,
-    base_model: str,
-    images: list[Path],
-    train_text_encoder: bool,
-    instance_prompt: str | None = None,
-    validation_prompt: str | None = None,
-    new_tokens: dict[str, list[str]] | None = None,
-    embeddings_file: str | None = None,
-    embedding_keys: Sequence[str] = ("clip_l",),
-    sdxl: bool = False,
-    vae_path: str | None = None,
-) -> Path:
-    """README.md with the Hub's metadata (library, base model, tags), how to load the adapter (and the new tokens of
-    pivotal tuning, `new_tokens` by abstraction, saved in `embeddings_file` under `embedding_keys`), and the images.
-    `sdxl`: the base is an SDXL pipeline (its tags, class, two text encoders), sampled with the VAE at `vae_path`."""
-    tags = ["sara", "peft", "diffusers", "text-to-image"] + (["dreambooth"] if instance_prompt else [])
-    tags += ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else []
-    front_matter = ["---", "library_name: peft", f"base_model: {base_model}", "tags:"] + [f"- {tag}" for tag in tags]
-    if instance_prompt:
-        front_matter.append(f"instance_prompt: {json.dumps(instance_prompt)}")
-    front_matter.append("---")
-    text_encoders = "both text encoders" if sdxl else "text encoder"
-    components = f"UNet and {text_encoders}" if train_text_encoder else "UNet"
-    folders = ["unet"] + (["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]) * train_text_encoder
-    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
-    imports = f"AutoencoderKL, {pipeline_class}" if vae_path else pipeline_class
-    vae_line = f'vae = AutoencoderKL.from_pretrained("{vae_path}")\n' if vae_path else ""
-    what = f"DreamBooth on `{instance_prompt}`" if instance_prompt else "text-to-image fine-tuning"
-    base_link = (
-        f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
-    )
-    gallery = "\n".join(f"![{path.stem}]({path.relative_to(output_dir).as_posix()})" for path in images)
-    body = f"""
-# SaRA {what} - {repo_id}
+def create_hub_repo(repo_id: str, token: str | None) -> str:
+    """Create (or find) the model repo; its full id, with the namespace the Hub gave it (`name` -> `user/name`)."""
+    from huggingface_hub import create_repo
 
-SaRA adapter weights ({components}) for {base_link}, trained with
-[peft-sara](https://arxiv.org/abs/2409.06633): only the base weights with |w| below the threshold were fine-tuned.
-
-## How to use
-
-```python
-import torch
-import peft_sara  # registers the SaRA adapter type with PEFT
-from diffusers import {imports}
-
-{vae_line}pipe = {pipeline_class}.from_pretrained("{base_model}"{", vae=vae" if vae_path else ""})
-peft_sara.load_sara_weights(pipe, "{repo_id}")
-image = pipe({json.dumps(instance_prompt or validation_prompt or "a photo")}).images[0]
-```
-
-The folders {", ".join(f"`{folder}/`" for folder in folders)} are standard PEFT adapters:
-`PeftModel.from_pretrained(unet, "{repo_id}", subfolder="unet")` works too, after `import peft_sara`.
-{_new_tokens_section(repo_id, new_tokens, embeddings_file, embedding_keys) if new_tokens else ""}{
-        ""
-        if not validation_prompt
-        else f'''
-## Validation images
-
-Prompt: `{validation_prompt}`
-
-{gallery}
-'''
-    }"""
-    path = Path(output_dir) / "README.md"
-    path.write_text("\n".join(front_matter) + "\n" + body, encoding="utf-8")
-    return path
+    return create_repo(repo_id, exist_ok=True, token=token).repo_id
 
 
-def _new_tokens_section(
-    repo_id: str, new_tokens: dict[str, list[str]], embeddings_file: str, embedding_keys: Sequence[str]
-) -> str:
-    """How to prompt with the new tokens of pivotal tuning, and how to load them with diffusers' own calls."""
-    triggers = "\n".join(f"- `{abstraction}` → `{''.join(tokens)}`" for abstraction, tokens in new_tokens.items())
-    all_tokens = [token for tokens in new_tokens.values() for token in tokens]
-    suffixes = {"clip_l": "", "clip_g": "_2"}
-    calls = "\n".join(
-        f'pipe.load_textual_inversion(state_dict["{key}"], token={json.dumps(all_tokens)}, '
-        f"text_encoder=pipe.text_encoder{suffixes[key]}, tokenizer=pipe.tokenizer{suffixes[key]})"
-        for key in embedding_keys
-    )
-    return f"""
-## New tokens (pivotal tuning)
-
-The embeddings of new tokens were trained with the adapters; write them in the prompt where the training prompts
-had the identifier:
-
-{triggers}
-
-`load_sara_weights` above adds them to the tokenizer{"s" if len(embedding_keys) > 1 else ""} and text encoder{
-        "s" if len(embedding_keys) > 1 else ""
-    } with the adapters. With diffusers' own textual-inversion loader instead (the file `{embeddings_file}`):
-
-```python
-from huggingface_hub import hf_hub_download
-from safetensors.torch import load_file
-
-peft_sara.load_sara_weights(pipe, "{repo_id}", components=["unet"])  # the adapters without the tokens
-state_dict = load_file(hf_hub_download("{repo_id}", "{embeddings_file}"))
-{calls}
-```
-"""
-
-
-def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
+def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> None:
     """Upload the output folder without checkpoints, logs or unfinished writes."""
-    from huggingface_hub import create_repo, upload_folder
+    from huggingface_hub import upload_folder
 
-    repo_id = create_repo(repo_id, exist_ok=True, token=token).repo_id
     upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
@@ -237,7 +140,6 @@ def push_output_to_hub(output_dir: str, repo_id: str, token: str | None) -> str:
         ignore_patterns=["checkpoint-*", "logs/*", "*.tmp", "*.unfinished/*", "*.deleting/*", LOCK_NAME],
         token=token,
     )
-    return repo_id
 
 
 LORA_EXPORT_DIR = "lora"
@@ -279,7 +181,9 @@ def finish_output(
         sdxl,
         vae_path,
     )
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    repo_id = None
+    if args.push_to_hub:  # the card names the repo the Hub created, namespace included
+        repo_id = create_hub_repo(args.hub_model_id or Path(args.output_dir).resolve().name, args.hub_token)
     write_model_card(
         args.output_dir,
         repo_id,
@@ -294,5 +198,5 @@ def finish_output(
         sdxl=sdxl,
         vae_path=vae_path,
     )
-    if args.push_to_hub:
+    if repo_id is not None:
         push_output_to_hub(args.output_dir, repo_id, args.hub_token)
