@@ -84,10 +84,10 @@ def sample_row(pipeline, prompts: list[str], seeds: list[int], steps: int) -> li
     return images
 
 
-def write_grid(
-    rows: dict[str, list[Image.Image]], columns: list[str], path: Path, scale: int = 4, label_width: int = 90
-) -> None:
-    """A labelled grid: one row per model, one column per (prompt, seed)."""
+def grid_image(
+    rows: dict[str, list[Image.Image]], columns: list[str], scale: int = 4, label_width: int = 90
+) -> Image.Image:
+    """A labelled grid: one row per model, one column per (prompt, seed); images enlarged `scale` times."""
     cell = rows[next(iter(rows))][0].width * scale
     header = 28
     grid = Image.new("RGB", (label_width + cell * len(columns), header + cell * len(rows)), "white")
@@ -101,7 +101,14 @@ def write_grid(
                 image.resize((cell, cell), Image.Resampling.NEAREST),
                 (label_width + column * cell, header + row * cell),
             )
-    grid.save(path)
+    return grid
+
+
+def write_grid(
+    rows: dict[str, list[Image.Image]], columns: list[str], path: Path, scale: int = 4, label_width: int = 90
+) -> None:
+    """Save the labelled grid of `grid_image` to `path`."""
+    grid_image(rows, columns, scale, label_width).save(path)
 
 
 def run_training_script(flags: list[str], error_tail: int = 4000) -> None:
