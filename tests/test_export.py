@@ -7,23 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_clip_text_model, tiny_pipeline, tiny_unet, unet_inputs
+from conftest import generate, tiny_clip_text_model, tiny_pipeline, tiny_unet, unet_inputs
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peft_sara import SaRAConfig, attach, export_lora
-
-
-def generate(pipeline) -> np.ndarray:
-    return pipeline(
-        "a photo of a dog",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
 
 
 def visible_update(model, std: float = 0.05) -> None:

@@ -5,21 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fake_hub_repo, tiny_pipeline
+from conftest import fake_hub_repo, generate, tiny_pipeline
 from peft import LoraConfig, get_peft_model
 
 from peft_sara import SaRAConfig, SaRALayer, load_sara_weights
-
-
-def generate(pipeline) -> np.ndarray:
-    return pipeline(
-        "a photo of a dog",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
 
 
 @pytest.fixture(scope="module")
@@ -250,17 +239,6 @@ def pivotal_output(folder, keys=("clip_l",), hidden=(32,), seed=0):
     return embeddings
 
 
-def generate_with_tokens(pipeline) -> np.ndarray:
-    return pipeline(
-        "a photo of <s0><s1>",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        output_type="np",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-
-
 def test_loads_the_new_tokens_of_pivotal_tuning_and_they_change_the_images(tmp_path, monkeypatch):
     embeddings = pivotal_output(tmp_path / "sks-dog")
     assert (tmp_path / "sks-dog" / "sks-dog_emb.safetensors").is_file()
@@ -271,11 +249,12 @@ def test_loads_the_new_tokens_of_pivotal_tuning_and_they_change_the_images(tmp_p
     without_tokens = tiny_pipeline()
     assert load_sara_weights(without_tokens, str(tmp_path / "sks-dog"), components=["unet"]) == ["unet"]
     assert "<s0>" not in without_tokens.tokenizer.get_vocab(), "the tokens go with the text encoders"
-    assert not np.array_equal(generate_with_tokens(pipeline), generate_with_tokens(without_tokens))
+    prompt = "a photo of <s0><s1>"
+    assert not np.array_equal(generate(pipeline, prompt), generate(without_tokens, prompt))
     fake_hub_repo(monkeypatch, tmp_path / "hub", "someone/sks-dog", tmp_path / "sks-dog")
     from_hub = tiny_pipeline()
     load_sara_weights(from_hub, "someone/sks-dog")
-    np.testing.assert_array_equal(generate_with_tokens(from_hub), generate_with_tokens(pipeline))
+    np.testing.assert_array_equal(generate(from_hub, prompt), generate(pipeline, prompt))
 
 
 def sdxl_like_pipeline():

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import launch_two_cpu_processes, load_script, two_process_env, write_images
+from conftest import generate, launch_two_cpu_processes, load_script, two_process_env, write_images
 from safetensors.torch import load_file
 
 import peft_sara
@@ -49,13 +49,6 @@ def sdxl_args(tiny_sdxl_pipeline_dir, tmp_path):
     ]
 
 
-def sdxl_images(pipeline) -> np.ndarray:
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(
-        "a photo of sks dog", num_inference_steps=2, height=32, width=32, generator=generator, output_type="np"
-    ).images
-
-
 def test_trains_both_text_encoders_and_loads_into_an_sdxl_pipeline(sdxl_args, tiny_sdxl_pipeline_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -84,13 +77,13 @@ def test_trains_both_text_encoders_and_loads_into_an_sdxl_pipeline(sdxl_args, ti
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline_dir)
     pipeline.set_progress_bar_config(disable=True)
-    before = sdxl_images(pipeline)
+    before = generate(pipeline, "a photo of sks dog")
     assert peft_sara.load_sara_weights(pipeline, str(output)) == ["unet", "text_encoder", "text_encoder_2"]
-    after = sdxl_images(pipeline)
+    after = generate(pipeline, "a photo of sks dog")
     assert np.abs(after - before).max() > 1e-3, "the adapters change the SDXL pipeline's images"
     for name in ("unet", "text_encoder", "text_encoder_2"):
         getattr(pipeline, name).disable_adapters()
-    np.testing.assert_allclose(sdxl_images(pipeline), before, atol=1e-5)
+    np.testing.assert_allclose(generate(pipeline, "a photo of sks dog"), before, atol=1e-5)
 
 
 def test_resume_gives_the_same_adapter_as_a_straight_run(sdxl_args, tmp_path):
@@ -183,11 +176,7 @@ def test_pivotal_tuning_trains_new_tokens_in_both_text_encoders(sdxl_args, tiny_
         peft_sara.load_sara_weights(pipeline, str(output), **kwargs)
         return pipeline
 
-    def images(pipeline):
-        generator = torch.Generator().manual_seed(0)
-        prompt = "a photo of <s0><s1> dog"
-        return pipeline(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np")
-
+    prompt = "a photo of <s0><s1> dog"
     one_call, adapter_only = load(), load(components=["unet"])
     for key, tokenizer, text_encoder in (
         ("clip_l", one_call.tokenizer, one_call.text_encoder),
@@ -195,7 +184,7 @@ def test_pivotal_tuning_trains_new_tokens_in_both_text_encoders(sdxl_args, tiny_
     ):
         ids = tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
         assert torch.equal(text_encoder.get_input_embeddings().weight[ids], saved[key])
-    with_tokens, without_tokens = images(one_call).images, images(adapter_only).images
+    with_tokens, without_tokens = generate(one_call, prompt), generate(adapter_only, prompt)
     assert np.abs(with_tokens - without_tokens).max() > 1e-3, "the new tokens change the images of their prompt"
     # as the model card shows: the adapters, then diffusers' own loader for each text encoder
     for key, suffix in (("clip_l", ""), ("clip_g", "_2")):
@@ -205,7 +194,7 @@ def test_pivotal_tuning_trains_new_tokens_in_both_text_encoders(sdxl_args, tiny_
             text_encoder=getattr(adapter_only, f"text_encoder{suffix}"),
             tokenizer=getattr(adapter_only, f"tokenizer{suffix}"),
         )
-    np.testing.assert_allclose(images(adapter_only).images, with_tokens, atol=1e-5)
+    np.testing.assert_allclose(generate(adapter_only, prompt), with_tokens, atol=1e-5)
 
 
 def test_a_prompt_without_the_token_abstraction_is_one_error_line(sdxl_args, tmp_path):
