@@ -71,7 +71,16 @@ def _write_updated_entries(
     for bit; computed out of place on the entries and written with `scatter_` (int64 positions), which is 2-3 times
     faster on a CPU than `index_add_` or `index_put_`.
     """
-    flat.scatter_(0, positions, entries + values.detach().to(flat.dtype) * scale)
+    update = _as_dtype(values.detach(), flat.dtype)
+    if scale != 1.0:  # multiplying by 1.0 is exact: skipping it changes no bit and saves a kernel
+        update = update * scale
+    flat.scatter_(0, positions, entries + update)
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.to(dtype)` without the call when it is a no-op: the sparse op runs once per layer per step, and on a
+    GPU a small model's step is bound by such per-call overheads."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 @contextmanager
@@ -106,11 +115,11 @@ def _weight_with_updates(
             flat.scatter_(0, where, original)
 
 
-def _effective_weight(
-    weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype, folded: bool
-):
+def _effective_weight(weight: torch.Tensor, indices_and_values, scales, dtype: torch.dtype, folded: bool):
     """The effective weight in `dtype` for one op: the weight itself when the updates are folded into it already."""
-    return nullcontext(weight.data.to(dtype)) if folded else _weight_with_updates(weight, updates, dtype)
+    if folded:
+        return nullcontext(_as_dtype(weight.detach(), dtype))
+    return _weight_with_updates(weight, _pair_updates(indices_and_values, scales), dtype)
 
 
 class _SparseWeightOp(torch.autograd.Function):
@@ -125,10 +134,9 @@ class _SparseWeightOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values):
         ctx.input_dtype, ctx.has_bias = x.dtype, bias is not None
-        x = x.to(compute_dtype)
-        updates = _pair_updates(indices_and_values, scales)
-        with _effective_weight(weight, updates, compute_dtype, folded) as effective:
-            output = op.forward(x, effective, None if bias is None else bias.to(compute_dtype))
+        x = _as_dtype(x, compute_dtype)
+        with _effective_weight(weight, indices_and_values, scales, compute_dtype, folded) as effective:
+            output = op.forward(x, effective, None if bias is None else _as_dtype(bias, compute_dtype))
         ctx.op, ctx.scales, ctx.compute_dtype, ctx.folded = op, scales, compute_dtype, folded
         ctx.save_for_backward(x, weight, *indices_and_values)
         return output
@@ -136,29 +144,52 @@ class _SparseWeightOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, *indices_and_values = ctx.saved_tensors
-        grad_output = grad_output.to(ctx.compute_dtype)
+        compute_dtype, scales = ctx.compute_dtype, ctx.scales
+        grad_output = _as_dtype(grad_output, compute_dtype)
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         needs_values = ctx.needs_input_grad[8::2]
         needs_dense_grad = needs_weight or any(needs_values)
-        updates = _pair_updates(indices_and_values, ctx.scales)
-        with _effective_weight(weight, updates, ctx.compute_dtype, ctx.folded) as effective:
-            grad_x, dense_grad = ctx.op.backward(grad_output, x, effective, needs_x, needs_dense_grad)
+        with _effective_weight(weight, indices_and_values, scales, compute_dtype, ctx.folded) as effective:
+            grad_x, dense_grad, grad_bias = ctx.op.backward(
+                grad_output, x, effective, needs_x, needs_dense_grad, needs_bias and ctx.has_bias
+            )
         grad_values = [None] * len(needs_values)
         if needs_dense_grad:
             flat_grad = dense_grad.reshape(-1)
             for position, needed in enumerate(needs_values):
-                if needed:
-                    indices = indices_and_values[2 * position]
-                    grad = flat_grad.index_select(0, indices.long()).float()
-                    scale = ctx.scales[position]
+                if needed:  # index_select takes the int32 positions as they are: no int64 copy per call
+                    grad = _as_dtype(flat_grad.index_select(0, indices_and_values[2 * position]), torch.float32)
+                    scale = scales[position]
                     grad_values[position] = grad if scale == 1.0 else grad * scale
             del flat_grad
-        grad_weight = dense_grad.to(weight.dtype) if needs_weight else None
+        grad_weight = _as_dtype(dense_grad, weight.dtype) if needs_weight else None
         del dense_grad
-        grad_x = grad_x.to(ctx.input_dtype) if needs_x else None
-        grad_bias = ctx.op.bias_grad(grad_output) if needs_bias and ctx.has_bias else None
+        grad_x = _as_dtype(grad_x, ctx.input_dtype) if needs_x else None
         grads_of_pairs = [grad for value_grad in grad_values for grad in (None, value_grad)]
         return (grad_x, grad_weight, grad_bias, None, None, None, None, *grads_of_pairs)
+
+
+class _FoldedWeight(torch.autograd.Function):
+    """The base weight holding one training adapter's folded update, as it enters the layer's own op.
+
+    With the weight already in the op's dtype, the op runs as torch's native function, so autograd computes the input
+    and dense weight gradients in C++; this function's backward only gathers the weight gradient at the positions.
+    Per layer and step that is one small Python call each way instead of `_SparseWeightOp`'s formulas, which is what
+    a GPU step of a small batch waits for. The values are saved so that autograd refuses a backward after the
+    optimizer changed them in place.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, indices, values, scale):
+        ctx.scale = scale
+        ctx.save_for_backward(indices, values)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad_weight):
+        indices, _ = ctx.saved_tensors
+        grad = _as_dtype(grad_weight.reshape(-1).index_select(0, indices), torch.float32)
+        return None, None, grad if ctx.scale == 1.0 else grad * ctx.scale, None
 
 
 def _pair_updates(indices_and_values, scales) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
@@ -173,16 +204,11 @@ class _LinearOp:
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(grad_output, x, weight, needs_input, needs_weight):
+    def backward(grad_output, x, weight, needs_input, needs_weight, needs_bias):
         grad_input = grad_output @ weight if needs_input else None
-        grad_weight = None
-        if needs_weight:
-            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-        return grad_input, grad_weight
-
-    @staticmethod
-    def bias_grad(grad_output):
-        return grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        rows = grad_output.reshape(-1, grad_output.shape[-1])
+        grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if needs_weight else None
+        return grad_input, grad_weight, rows.sum(0) if needs_bias else None
 
 
 class _Conv2dOp:
@@ -194,26 +220,21 @@ class _Conv2dOp:
     def forward(self, x, weight, bias):
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def backward(self, grad_output, x, weight, needs_input, needs_weight):
-        """Input and weight gradients from one convolution_backward call, as autograd computes them."""
-        grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+    def backward(self, grad_output, x, weight, needs_input, needs_weight, needs_bias):
+        """Input, weight and bias gradients from one convolution_backward call, as autograd computes them."""
+        return torch.ops.aten.convolution_backward(
             grad_output,
             x,
             weight,
-            None,
+            [weight.shape[0]] if needs_bias else None,
             self.stride,
             self.padding,
             self.dilation,
             False,
             [0, 0],
             self.groups,
-            [needs_input, needs_weight, False],
+            [needs_input, needs_weight, needs_bias],
         )
-        return grad_input, grad_weight
-
-    @staticmethod
-    def bias_grad(grad_output):
-        return grad_output.sum((0, 2, 3))
 
 
 class ModelReference:
@@ -291,7 +312,9 @@ class SaRALayer(BaseTunerLayer):
 
     def _raw_base_layer(self) -> nn.Module:
         """The base layer as it is, for the forward pass, which keeps a training fold in place."""
-        return super().get_base_layer()
+        base_layer = self.base_layer
+        # PEFT's lookup probes every level with hasattr, which raises inside torch for a plain layer: once per call
+        return super().get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
 
     def _restore_base(self) -> None:
         """Take a folded update out of the base weight: its original entries are copied back, not subtracted."""
@@ -299,7 +322,9 @@ class SaRALayer(BaseTunerLayer):
         if fold is not None:
             fold.weight.data.view(-1).scatter_(0, fold.indices.long(), fold.originals)
 
-    def _hold_fold(self, updates: list[tuple[torch.Tensor, torch.Tensor, float]], compute_dtype: torch.dtype) -> bool:
+    def _hold_fold(
+        self, weight: nn.Parameter, updates: list[tuple[torch.Tensor, torch.Tensor, float]], compute_dtype: torch.dtype
+    ) -> bool:
         """Keep the update of a training adapter folded into the base weight; whether the op takes the weight as is.
 
         A fold holds for one active adapter whose values train (grad mode on), on a contiguous weight stored at least
@@ -308,7 +333,6 @@ class SaRALayer(BaseTunerLayer):
         originals + scale · values per optimizer step instead of several passes per op. The unfolded path writes the
         same formula, so both compute bit-identical weights. Anything else unfolds.
         """
-        weight = self._raw_base_layer().weight
         if len(updates) != 1 or not self._fold_allowed:
             self._restore_base()
             return False
@@ -408,10 +432,9 @@ class SaRALayer(BaseTunerLayer):
             if name in value_dict
         ]
 
-    def _effective_bias(self, adapter_names) -> torch.Tensor | None:
-        bias = self._raw_base_layer().bias
-        if bias is None:
-            return None
+    def _effective_bias(self, bias: torch.Tensor | None, adapter_names) -> torch.Tensor | None:
+        if bias is None or not self.sara_bias_values:
+            return bias
         for indices, values, scale in self._updates(adapter_names, self.sara_bias_indices, self.sara_bias_values):
             bias = bias.index_add(0, indices, values.to(bias.dtype), alpha=scale)
         return bias
@@ -518,18 +541,22 @@ class SaRALayer(BaseTunerLayer):
         compute_dtype = _layerwise_compute_dtype(base_layer) or weight.dtype
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
-        folded = self._hold_fold(updates, compute_dtype)
+        folded = self._hold_fold(weight, updates, compute_dtype)
+        bias = self._effective_bias(base_layer.bias, adapter_names)
+        if folded and weight.dtype == compute_dtype:
+            weight = _FoldedWeight.apply(weight, *updates[0])
+            return op.forward(
+                _as_dtype(x, compute_dtype), weight, None if bias is None else _as_dtype(bias, compute_dtype)
+            )
         indices_and_values = [tensor for indices, values, _ in updates for tensor in (indices, values)]
         scales = tuple(scale for _, _, scale in updates)
-        return _SparseWeightOp.apply(
-            x, weight, self._effective_bias(adapter_names), op, compute_dtype, scales, folded, *indices_and_values
-        )
+        return _SparseWeightOp.apply(x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values)
 
 
 def _layerwise_compute_dtype(base_layer: nn.Module) -> torch.dtype | None:
     """The compute dtype of diffusers' layerwise casting on the base layer, if enabled: the base layer's own forward,
     whose hook would cast its weight for the computation, does not run while SaRA computes with its weight."""
-    registry = getattr(base_layer, "_diffusers_hook", None)
+    registry = vars(base_layer).get("_diffusers_hook")  # not getattr: a miss raises inside torch.nn.Module
     hook = registry.get_hook("layerwise_casting") if registry is not None else None
     return getattr(hook, "compute_dtype", None)
 

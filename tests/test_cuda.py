@@ -49,10 +49,10 @@ def test_sparse_op_matches_autograd_under_autocast(dtype, kind):
     layer = (Linear if kind == "linear" else Conv2d)(base, "default", SaRAConfig(threshold=0.05, init_weights=False))
     assert layer.sara_values["default"].dtype == torch.float32
     x = torch.randn((4, 64) if kind == "linear" else (2, 8, 10, 10), device=DEVICE, dtype=dtype)
+    before = base.weight.detach().clone()  # while training, the update stays folded in until the base is asked for
     with torch.autocast(DEVICE, dtype=dtype):
         output = layer(x)
     grad_output = torch.randn_like(output)
-    before = base.weight.detach().clone()
     output.backward(grad_output)
     assert torch.equal(layer.get_base_layer().weight, before), "the base weight is restored bit for bit"
     expected = reference_values_grad(layer, x, grad_output, dtype)
