@@ -630,6 +630,43 @@ def test_autocast_adapter_dtype_false_trains_and_reloads_in_the_base_dtype(tmp_p
     assert {p.dtype for n, p in default.named_parameters() if "sara_values" in n} == {torch.float32}
 
 
+def test_two_active_adapters_of_different_value_dtypes_compute_and_train_together():
+    """An fp32-valued and a bf16-valued adapter (autocast_adapter_dtype=False) active at once on a bf16 base: the
+    output is the base plus both updates, both get gradients in their own dtype, and the base stays bit for bit."""
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(torch.bfloat16),
+        SaRAConfig(threshold=0.1, init_weights=False),
+        adapter_name="first",
+    )
+    model.add_adapter("second", SaRAConfig(threshold=0.05, init_weights=False), autocast_adapter_dtype=False)
+    model.base_model.set_adapter(["first", "second"])
+    layers = [module for module in model.modules() if isinstance(module, SaRALayer)]
+    assert all(layer.sara_values[name].requires_grad for layer in layers for name in ("first", "second"))
+    assert {(layer.sara_values["first"].dtype, layer.sara_values["second"].dtype) for layer in layers} == {
+        (torch.float32, torch.bfloat16)
+    }
+    bases = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+
+    def effective(layer, base):
+        flat = base.reshape(-1).clone()
+        for name in ("first", "second"):
+            flat.index_add_(0, layer.sara_indices[name].long(), layer.sara_values[name].detach().to(flat.dtype))
+        return flat.view_as(base)
+
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    output = model(x)
+    hidden = torch.relu(nn.functional.linear(x, effective(layers[0], bases[0]), layers[0].get_base_layer().bias))
+    expected = nn.functional.linear(hidden, effective(layers[1], bases[1]), layers[1].get_base_layer().bias)
+    assert torch.equal(output, expected)
+    output.float().square().mean().backward()
+    for layer, base in zip(layers, bases):
+        assert layer.sara_values["first"].grad.dtype == torch.float32
+        assert layer.sara_values["second"].grad.dtype == torch.bfloat16
+        assert layer.sara_values["second"].grad.abs().sum() > 0
+        assert layer._sara_fold is None and torch.equal(layer.get_base_layer().weight, base)
+
+
 def test_diffusers_layerwise_casting_keeps_sara_values_and_computes_in_the_compute_dtype():
     import copy
 
