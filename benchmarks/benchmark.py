@@ -365,11 +365,23 @@ def setting_label(report: dict) -> str:
     settings = report["settings"]
     trainable = report["results"].get("sara", {}).get("trainable_values")
     count = f"SaRA {trainable / 1e6:.1f}M" if trainable else f"fraction {settings['target_fraction']}"
-    return f"{settings['model']}, batch {settings['batch_size']}, {count}"
+    median = "" if _has_mean_steps(report) else ", median step"
+    return f"{settings['model']}, batch {settings['batch_size']}, {count}{median}"
+
+
+def _has_mean_steps(report: dict) -> bool:
+    """Reports written before the mean step time was recorded (docs' peer tables) hold the median only."""
+    return all("mean_step_seconds" in result for result in report["results"].values())
+
+
+def _step_seconds(report: dict, method: str) -> float:
+    result = report["results"][method]
+    return result["mean_step_seconds"] if _has_mean_steps(report) else result["median_step_seconds"]
 
 
 def plot_reports(reports: list[dict], path: str) -> None:
-    """Bars of peak memory and mean step time per method, one bar per report (setting) within each method."""
+    """Bars of peak memory and step time per method, one bar per report (setting) within each method: the mean step,
+    or the median for a report that predates the mean (its legend says so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -378,13 +390,13 @@ def plot_reports(reports: list[dict], path: str) -> None:
     methods = [m for m in METHODS if any(m in report["results"] for report in reports)]
     figure, axes = plt.subplots(2, 1, figsize=(12, 7.5))
     width = 0.8 / len(reports)
-    for axis, key, scale, label in (
-        (axes[0], "peak_memory_bytes", 1024**3, "peak memory (GiB)"),
-        (axes[1], "mean_step_seconds", 1, "mean step time (s)"),
+    for axis, figure_of, label in (
+        (axes[0], lambda report, m: report["results"][m]["peak_memory_bytes"] / 1024**3, "peak memory (GiB)"),
+        (axes[1], _step_seconds, "step time (s)"),
     ):
         for position, report in enumerate(reports):
             xs = [index + (position - (len(reports) - 1) / 2) * width for index in range(len(methods))]
-            heights = [report["results"][m][key] / scale if m in report["results"] else float("nan") for m in methods]
+            heights = [figure_of(report, m) if m in report["results"] else float("nan") for m in methods]
             axis.bar(xs, heights, width, label=setting_label(report))
         axis.set_xticks(range(len(methods)), methods)
         axis.set_ylabel(label)

@@ -12,6 +12,7 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCHMARK = [sys.executable, "-m", "benchmarks.benchmark"]  # run from REPO_ROOT, as documented
+PLOTTED_TOGETHER = ("benchmark_sd15_floor.json", "benchmark_sd15_peers_20m.json")  # with and without mean steps
 
 
 def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
@@ -101,3 +102,17 @@ def test_sdxl_architecture_and_full_fine_tuning_reported_as_not_run_beyond_the_m
     report = json.loads(output.read_text())
     assert list(report["results"]) == ["frozen"] and "more than 0.01 GiB" in report["not_run"]["full"]
     assert "full: not run (" in result.stdout
+
+
+def test_saved_reports_with_and_without_mean_steps_plot_together(tmp_path):
+    """`make benchmark` replots the docs' peer reports, written before the mean step was recorded, beside a new one."""
+    from benchmarks import benchmark
+
+    reports = [json.loads((REPO_ROOT / "docs" / name).read_text()) for name in PLOTTED_TOGETHER]
+    assert not benchmark._has_mean_steps(reports[1]) and benchmark._has_mean_steps(reports[0])
+    assert benchmark.setting_label(reports[1]).endswith("median step")
+    assert benchmark._step_seconds(reports[1], "sara") == reports[1]["results"]["sara"]["median_step_seconds"]
+    benchmark.plot_reports(reports, str(tmp_path / "plot.png"))
+    with Image.open(tmp_path / "plot.png") as image:
+        assert image.format == "PNG"
+
