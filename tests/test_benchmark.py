@@ -115,4 +115,3 @@ def test_saved_reports_with_and_without_mean_steps_plot_together(tmp_path):
     benchmark.plot_reports(reports, str(tmp_path / "plot.png"))
     with Image.open(tmp_path / "plot.png") as image:
         assert image.format == "PNG"
-
