@@ -125,10 +125,12 @@ def _effective_weight(weight: torch.Tensor, indices_and_values, scales, dtype: t
 class _SparseWeightOp(torch.autograd.Function):
     """y = op(x, W + Σ scatter(indices_a, scale_a · values_a), bias), differentiable in x, bias and the values only.
 
-    `folded` says that the weight holds the updates already (one adapter training, see `SaRALayer._hold_fold`). The
-    values are saved for backward either way, so that autograd refuses a backward after they changed in place. The
-    effective weight is rebuilt in backward instead of being saved, and the dense weight gradient is gathered at
-    the indices and freed at once: the only weight-sized temporary is that gradient (plus a cast copy under autocast).
+    `folded` says that the weight holds the updates already (one adapter training, see `SaRALayer._hold_fold`); a
+    fold takes this op only when it computes in another dtype than the weight's (autocast over fp32 weights), where
+    torch's own op would save a cast copy of every weight for backward. The values are saved for backward either
+    way, so that autograd refuses a backward after they changed in place. The effective weight is rebuilt (and cast)
+    in backward instead of being saved, and the dense weight gradient is gathered at the indices and freed at once:
+    the only weight-sized temporary is that gradient (plus a cast copy under autocast).
     """
 
     @staticmethod

@@ -27,12 +27,14 @@ def test_each_method_trains_what_it_says(method):
 
 def test_every_method_is_timed_and_reported(tmp_path, capsys):
     output = tmp_path / "overhead.json"
+    threads = torch.get_num_threads()
     report = layer_overhead.main(
         ["--layers", "4", "--width", "8", "--steps", "2", "--repeats", "2", "--optimizer", "--output", str(output)]
     )
     assert json.loads(output.read_text()) == json.loads(json.dumps(report))
     assert set(report["step_seconds"]) == set(layer_overhead.METHODS)
     assert all(seconds > 0 for seconds in report["step_seconds"].values())
+    assert torch.get_num_threads() == threads  # timed on one thread, then given back to the caller
     table = capsys.readouterr().out
     assert all(f"| {method} |" in table for method in layer_overhead.METHODS)
 
