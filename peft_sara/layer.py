@@ -555,6 +555,24 @@ class SaRALayer(BaseTunerLayer):
         return _SparseWeightOp.apply(x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values)
 
 
+@contextmanager
+def _offloaded_tensors_loaded(modules: tuple[nn.Module, ...]) -> Iterator[None]:
+    """Load the tensors of modules that accelerate's offload hooks keep on the meta device (`cpu_offload`,
+    `disk_offload`, diffusers' `enable_sequential_cpu_offload`) for the block's duration, and offload them again after.
+
+    Those hooks load a module's tensors around its own forward only; SaRA's op reads the base layer's weight and its
+    values and positions without calling their forwards. No hook (the usual case): nothing happens.
+    """
+    hooked = [(module, hook) for module in modules if getattr(hook := vars(module).get("_hf_hook"), "offload", False)]
+    for module, hook in hooked:
+        hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        for module, hook in hooked:
+            hook.post_forward(module, None)
+
+
 def _layerwise_compute_dtype(base_layer: nn.Module) -> torch.dtype | None:
     """The compute dtype of diffusers' layerwise casting on the base layer, if enabled: the base layer's own forward,
     whose hook would cast its weight for the computation, does not run while SaRA computes with its weight."""
@@ -587,7 +605,8 @@ class _SaRAModule(nn.Module, SaRALayer):
         if self.merged or not active:
             self._restore_base()
             return self.base_layer(x, *args, **kwargs)
-        return self._sparse_forward(*self._input_and_op(x), active)
+        with _offloaded_tensors_loaded((self.base_layer, self.sara_values, self.sara_indices)):
+            return self._sparse_forward(*self._input_and_op(x), active)
 
     # A folded update is taken out of the weight before the module's tensors are saved, loaded, moved or cast, and
     # when the module leaves training mode.

@@ -394,3 +394,28 @@ def test_state_dict_and_disabled_adapter_see_the_base():
     with folded.disable_adapter(), reference.disable_adapter():
         assert torch.equal(folded(x), reference(x))
         assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference)))
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_accelerate_offload_hooks_load_what_the_sparse_op_reads(tmp_path, offload):
+    """accelerate's cpu/disk offload (diffusers' enable_sequential_cpu_offload) keeps weights on the meta device and
+    loads them around each module's own forward; SaRA's op reads them without those forwards."""
+    from accelerate import cpu_offload, disk_offload
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), SaRAConfig(threshold=0.1, init_weights=False)
+    )
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        expected = model(x)
+    if offload == "cpu":
+        cpu_offload(model, execution_device="cpu")
+    else:
+        disk_offload(model, str(tmp_path), execution_device="cpu")
+    layer = model.base_model.model[0]
+    assert layer.get_base_layer().weight.device.type == "meta"
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+        assert torch.equal(model(x), expected)
+    assert layer.get_base_layer().weight.device.type == "meta" and layer.sara_values["default"].device.type == "meta"
