@@ -42,15 +42,15 @@ def build(method: str, layers: int, width: int) -> tuple[nn.Module, list[nn.Para
     from peft import LoraConfig, get_peft_model
 
     import peft_sara
+    from benchmarks.benchmark import build_method
 
     torch.manual_seed(0)
-    model = LayerStack(layers, width).requires_grad_(False)
+    model = LayerStack(layers, width)
     targets = [f"layers.{index}" for index in range(layers)]
-    if method == "dense_grad":
-        for layer in model.layers:
-            layer.weight.requires_grad_(True)
-            layer.weight.register_post_accumulate_grad_hook(lambda weight: setattr(weight, "grad", None))
+    if method == "dense_grad":  # the same floor as the UNet benchmark's
+        model, _, _ = build_method("dense_grad", model, target_fraction=0.0)
         return model, []
+    model.requires_grad_(False)
     if method == "sara":
         model = get_peft_model(model, peft_sara.SaRAConfig(threshold=0.1, target_modules=targets))
     elif method == "lora":

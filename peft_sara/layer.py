@@ -159,10 +159,8 @@ class _SparseWeightOp(torch.autograd.Function):
         if needs_dense_grad:
             flat_grad = dense_grad.reshape(-1)
             for position, needed in enumerate(needs_values):
-                if needed:  # index_select takes the int32 positions as they are: no int64 copy per call
-                    grad = _as_dtype(flat_grad.index_select(0, indices_and_values[2 * position]), torch.float32)
-                    scale = scales[position]
-                    grad_values[position] = grad if scale == 1.0 else grad * scale
+                if needed:
+                    grad_values[position] = _values_grad(flat_grad, indices_and_values[2 * position], scales[position])
             del flat_grad
         grad_weight = _as_dtype(dense_grad, weight.dtype) if needs_weight else None
         del dense_grad
@@ -190,8 +188,14 @@ class _FoldedWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weight):
         indices, _ = ctx.saved_tensors
-        grad = _as_dtype(grad_weight.reshape(-1).index_select(0, indices), torch.float32)
-        return None, None, grad if ctx.scale == 1.0 else grad * ctx.scale, None
+        return None, None, _values_grad(grad_weight.reshape(-1), indices, ctx.scale), None
+
+
+def _values_grad(flat_grad: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """The values' gradient: the dense weight gradient at the positions, in fp32, times the adapter's scale.
+    index_select takes the int32 positions as they are (no int64 copy per call)."""
+    grad = _as_dtype(flat_grad.index_select(0, indices), torch.float32)
+    return grad if scale == 1.0 else grad * scale
 
 
 def _pair_updates(indices_and_values, scales) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
