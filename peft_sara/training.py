@@ -2,8 +2,9 @@
 
 Both act inside `optimizer.step()` through the optimizer's step hooks, so a training loop needs one extra line,
 `peft_sara.attach(model, optimizer)`, and steps that do not happen (gradient accumulation, a gradient-scaler step
-skipped for inf/NaN gradients) do nothing. Decisions depend only on the step count, the seed and the (identical)
-parameters, so every process of a distributed run takes the same ones, and a resumed run takes them again.
+skipped for inf/NaN gradients, also inside a fused optimizer) do nothing. Decisions depend only on the step count,
+the seed and the (identical) parameters, so every process of a distributed run takes the same ones, and a resumed run
+takes them again.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class SaRATraining:
         self._updates_by_key = {update.key: update for update in self.updates}
         self._rank_candidates = _rank_candidates(self.updates)
         self.step = 0
+        self._skipping_step = False
         self.last_rank_loss: torch.Tensor | None = None
         self.last_rank_layers: list[str] = []
         self._frozen: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {}
@@ -172,16 +174,22 @@ class SaRATraining:
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.last_rank_loss, self.last_rank_layers = None, []
+        grad_scale, self._skipping_step = _gradient_scaling(optimizer)
+        if self._skipping_step:
+            return
         for config, candidates in self._rank_candidates:
             generator = torch.Generator().manual_seed(config.rank_seed * 1_000_003 + self.step)
             chosen = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
-            loss = self._add_nuclear_norm_subgradient(chosen, config.lambda_rank)
+            loss = self._add_nuclear_norm_subgradient(chosen, config.lambda_rank, grad_scale)
             self.last_rank_layers.append(chosen.key)
             self.last_rank_loss = loss if self.last_rank_loss is None else self.last_rank_loss + loss
 
     @staticmethod
-    def _add_nuclear_norm_subgradient(update: _TrainedUpdate, weight: float) -> torch.Tensor:
-        """Add weight · ∂‖P_M‖_*/∂update = weight · scale · (U Vᵀ)[M] to the update's gradient.
+    def _add_nuclear_norm_subgradient(
+        update: _TrainedUpdate, weight: float, grad_scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Add weight · ∂‖P_M‖_*/∂update = weight · scale · (U Vᵀ)[M] to the update's gradient, times `grad_scale`
+        when the gradients are still multiplied by a gradient scaler's scale.
 
         Returns weight · ‖P_M‖_*, the regulariser's value.
         """
@@ -190,11 +198,15 @@ class SaRATraining:
         polar, nuclear_norm = polar_factor(masked)
         subgradient = polar.view(-1).index_select(0, update.indices)
         subgradient.mul_(weight * update.layer.sara_scaling[update.adapter])
+        if grad_scale is not None:
+            subgradient.mul_(grad_scale.to(subgradient.device))
         values = update.values
         values.grad = subgradient.to(values.dtype) if values.grad is None else values.grad.add_(subgradient)
         return weight * nuclear_norm
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._skipping_step:
+            return
         self.step += 1
         for key, (positions, frozen_values, _) in self._frozen.items():
             self._updates_by_key[key].values.data.index_copy_(0, positions, frozen_values)
@@ -256,6 +268,19 @@ def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
             f"attach needs a torch optimizer (or one wrapped by accelerate), got {type(optimizer).__name__}."
         )
     return optimizer
+
+
+def _gradient_scaling(optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor | None, bool]:
+    """The scale still on the gradients at this step, and whether the optimizer will skip its update.
+
+    A GradScaler unscales the gradients before it steps a plain optimizer, and does not step it at all after inf/NaN
+    gradients. An optimizer that unscales by itself (fused AdamW: `_step_supports_amp_scaling`) is stepped with the
+    gradients still scaled, unless `unscale_` ran for clipping; the scaler sets its `grad_scale` (None when already
+    unscaled) and `found_inf`, and the optimizer leaves the parameters alone when inf/NaN were found.
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    skipping = found_inf is not None and bool(found_inf)
+    return getattr(optimizer, "grad_scale", None), skipping
 
 
 def _peft_configs(model: nn.Module) -> dict[str, Any]:

@@ -113,6 +113,51 @@ def test_skipped_gradient_scaler_steps_add_nothing():
     assert training.step == 1 and training.last_rank_loss is not None
 
 
+@pytest.mark.parametrize("unscaled_for_clipping", [False, True])
+def test_fused_optimizer_under_a_gradient_scaler_gets_the_regulariser_at_the_gradients_scale(unscaled_for_clipping):
+    # a GradScaler steps a fused AdamW with the gradients still scaled (unless unscale_ ran for clipping): the
+    # regulariser's subgradient must be scaled with them, or the optimizer divides it by the scale (65536)
+    def trained_values(scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor]:
+        model = sara_unet(lambda_rank=2.0, init_weights=False)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+        attach(model, optimizer)
+        for step in range(2):
+            loss = model(**unet_inputs(model, seed=step)).sample.mean() * 1e-3
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                if unscaled_for_clipping:
+                    scaler.unscale_(optimizer)
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad()
+        return adapter_values(model)
+
+    plain = trained_values(None)
+    scaled = trained_values(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    for name, values in plain.items():
+        torch.testing.assert_close(scaled[name], values, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_optimizer_step_skipped_for_inf_gradients_adds_nothing():
+    model = sara_unet(lambda_rank=0.1, progressive_step=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    training = attach(model, optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    before = adapter_values(model)
+    scaler.scale(model(**unet_inputs(model)).sample.mean() * float("inf")).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad()
+    assert training.step == 0 and training.last_rank_loss is None and training.frozen_fraction == 0
+    assert all(torch.equal(before[n], v) for n, v in adapter_values(model).items())
+    scaler.scale(model(**unet_inputs(model)).sample.square().mean()).backward()
+    scaler.step(optimizer)
+    assert training.step == 1 and training.last_rank_loss is not None
+
+
 def test_progressive_step_freezes_grown_entries_for_good():
     model = sara_unet(lambda_rank=0.0, progressive_step=2)
     optimizer, training = train(model, 2, lr=0.05)
