@@ -1,6 +1,7 @@
 """Training memory and step time of SaRA against its peers, each method in a fresh process.
 
-Methods (all with AdamW, weight decay 1e-2 unless said, gradient clipping 1.0):
+Methods (all with AdamW, weight decay 1e-2 unless said, gradient clipping 1.0; torch's fused AdamW with
+`--fused-adamw`):
 - `frozen`: the memory floor, UNet frozen, gradient only to the input;
 - `dense_grad`: the time floor of any method that adapts every Linear/Conv2d weight: each such weight's dense
   gradient is computed and dropped at once (no optimizer), the least SaRA's backward must do;
@@ -114,6 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", default="frozen,full,sara", help="Comma-separated subset of " + ", ".join(METHODS)
     )
+    parser.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="Step every method's AdamW with torch's fused kernel (`fused=True`) instead of the default one; on a "
+        "2-core CPU 0.04 s instead of 0.14 s for SaRA's 49.8M values at SD 1.5 size.",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument(
         "--memory-limit-gib",
@@ -162,7 +169,7 @@ def run_method(args: argparse.Namespace) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
     if trainable and weight_decay is not None:  # dense_grad has no optimizer
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=weight_decay, fused=args.fused_adamw or None)
     training = peft_sara.attach(model, optimizer) if args.run_method == "sara" else None
 
     config = unet.config
@@ -211,6 +218,7 @@ def run_method(args: argparse.Namespace) -> dict:
         "total_parameters": total_parameters,
         "largest_weight_bytes": largest_weight_bytes,
         "rank_loss": training.rank_loss if training else None,
+        "optimizer": None if optimizer is None else "AdamW (fused)" if optimizer.defaults["fused"] else "AdamW",
     }
 
 

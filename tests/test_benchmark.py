@@ -45,6 +45,7 @@ def test_small_benchmark_reports_every_method_and_the_budget(tmp_path):
     assert 0 < sara["adapter_bytes"] <= 8 * sara["trainable_values"] + 65536  # header: about 200 B per tensor
     assert all(results[name]["adapter_load_seconds"] > 0 for name in ("sara", "lora_attention", "shira"))
     assert results["full"]["adapter_bytes"] is None
+    assert results["full"]["optimizer"] == "AdamW" and results["dense_grad"]["optimizer"] is None
     budget = report["sara_budget"]
     assert set(budget) == {"memory_vs_frozen_budget", "memory_vs_full", "time_vs_full", "time_vs_dense_grad"}
     assert budget["time_vs_dense_grad"]["value"] == sara["mean_step_seconds"] / floor["mean_step_seconds"]
@@ -95,13 +96,14 @@ def test_sdxl_architecture_and_full_fine_tuning_reported_as_not_run_beyond_the_m
     assert "38.3 GiB" in full_fine_tuning_does_not_fit("sdxl", 24.0)
     assert full_fine_tuning_does_not_fit("sd15", 24.0) is None  # 12.8 GiB: it runs
     output = tmp_path / "bench.json"
-    command = [*BENCHMARK, "--model", "small", "--steps", "1", "--latent-size", "16", "--methods", "frozen,full"]
-    command += ["--memory-limit-gib", "0.01", "--output", str(output)]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    command = [*BENCHMARK, "--model", "small", "--steps", "1", "--latent-size", "16"]
+    command += ["--methods", "frozen,lora_attention,full", "--memory-limit-gib", "0.01", "--output", str(output)]
+    result = subprocess.run(command + ["--fused-adamw"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(output.read_text())
-    assert list(report["results"]) == ["frozen"] and "more than 0.01 GiB" in report["not_run"]["full"]
-    assert "full: not run (" in result.stdout
+    assert list(report["results"]) == ["frozen", "lora_attention"]
+    assert "more than 0.01 GiB" in report["not_run"]["full"] and "full: not run (" in result.stdout
+    assert report["results"]["lora_attention"]["optimizer"] == "AdamW (fused)" and report["settings"]["fused_adamw"]
 
 
 def test_saved_reports_with_and_without_mean_steps_plot_together(tmp_path):
