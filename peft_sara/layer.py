@@ -297,6 +297,9 @@ class SaRALayer(BaseTunerLayer):
         self.sara_value_dtype: dict[str, torch.dtype | None] = {}
         self._disable_adapters = False
         self.merged_adapters = []
+        # per merged adapter, the base weight's and bias's positions and entries there before the merge: unmerging
+        # copies them back, so that the base returns bit for bit (subtracting the update drifts in fp16/bf16)
+        self._entries_before_merge: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         # PEFT's switch for casting a layer's input to its adapter's dtype (diffusers' layerwise casting turns it off);
         # the sparse op computes in the weight's compute dtype, so SaRA has no input cast to switch
         self.cast_input_dtype_enabled = True
@@ -471,22 +474,22 @@ class SaRALayer(BaseTunerLayer):
             torch.zeros_like(weight), self._updates([adapter_name], self.sara_indices, self.sara_values)
         )
 
-    def _folded(self, adapter_name: str, sign: float) -> dict[str, torch.Tensor]:
-        """The base weight and bias with one adapter's updates added (sign=1) or subtracted (sign=-1), as copies."""
+    def _folded(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The base weight and bias with one adapter's updates added, as copies."""
         base_layer = self.get_base_layer()
         folded = {}
         for tensor_name, index_dict, value_dict in (
             ("weight", self.sara_indices, self.sara_values),
             ("bias", self.sara_bias_indices, self.sara_bias_values),
         ):
-            updates = [(i, v, sign * scale) for i, v, scale in self._updates([adapter_name], index_dict, value_dict)]
+            updates = self._updates([adapter_name], index_dict, value_dict)
             if updates:
                 folded[tensor_name] = _scatter_updates(getattr(base_layer, tensor_name).data, updates)
         return folded
 
-    def _fold_into_base(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
-        """Add (sign=1) or subtract (sign=-1) one adapter's updates to the base weight and bias."""
-        folded = self._folded(adapter_name, sign)
+    def _merge_into_base(self, adapter_name: str, check_finite: bool = False) -> None:
+        """Add one adapter's updates to the base weight and bias."""
+        folded = self._folded(adapter_name)
         if check_finite and not all(torch.isfinite(tensor).all() for tensor in folded.values()):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
         for tensor_name, tensor in folded.items():
@@ -510,7 +513,9 @@ class SaRALayer(BaseTunerLayer):
         if safe_merge and names and checked != names:
             self._check_merge_of_peers(adapter_names)
         for name in names:
-            self._fold_into_base(name, 1.0, check_finite=safe_merge)
+            entries = self._base_entries_at_positions(name)
+            self._merge_into_base(name, check_finite=safe_merge)
+            self._entries_before_merge[name] = entries
             self.merged_adapters.append(name)
 
     def _check_merge_of_peers(self, adapter_names: list[str] | None) -> None:
@@ -523,7 +528,7 @@ class SaRALayer(BaseTunerLayer):
         to_merge = [(name, layer, layer._adapters_to_merge(adapter_names)) for name, layer in named_layers]
         for module_name, layer, names in to_merge:
             for adapter_name in names:
-                if not all(torch.isfinite(tensor).all() for tensor in layer._folded(adapter_name, 1.0).values()):
+                if not all(torch.isfinite(tensor).all() for tensor in layer._folded(adapter_name).values()):
                     raise ValueError(
                         f"NaNs detected in the merged weights of {module_name or type(layer).__name__}. The adapter "
                         f"{adapter_name} seems to be broken; nothing was merged."
@@ -533,12 +538,27 @@ class SaRALayer(BaseTunerLayer):
                 layer._checked_for_merge = names
 
     def unmerge(self) -> None:
-        """Subtract the merged updates from the base weight and bias, last merged first."""
+        """Take the merged updates out of the base weight and bias, last merged first, by copying back the entries
+        they replaced: the base returns bit for bit in any dtype, also after a scale change, and (cast) after the
+        merged model was cast to another dtype or moved."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        base_layer = self.get_base_layer()
         while self.merged_adapters:
-            self._fold_into_base(self.merged_adapters.pop(), -1.0)
+            for tensor_name, (indices, entries) in self._entries_before_merge.pop(self.merged_adapters.pop()).items():
+                flat = getattr(base_layer, tensor_name).data.view(-1)
+                flat.index_copy_(0, indices.to(flat.device, torch.int64), entries.to(flat.device, flat.dtype))
+
+    def _base_entries_at_positions(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per base tensor (weight, bias) one adapter trains, its positions and a copy of its current entries there."""
+        base_layer = self.get_base_layer()
+        entries = {}
+        for tensor_name, index_dict in (("weight", self.sara_indices), ("bias", self.sara_bias_indices)):
+            if adapter_name in index_dict:
+                indices = index_dict[adapter_name]
+                entries[tensor_name] = (indices, getattr(base_layer, tensor_name).detach().reshape(-1)[indices])
+        return entries
 
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
         base_layer = self._raw_base_layer()

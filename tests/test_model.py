@@ -284,6 +284,30 @@ def test_merge_and_unload_and_unload(mlp, mlp_input):
     torch.testing.assert_close(unloaded(mlp_input), base_output)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unmerge_returns_the_base_bit_for_bit(mlp, dtype):
+    """Subtracting a merged update drifts in fp16/bf16 (w + d - d != w); unmerge copies the entries back."""
+    mlp = mlp.to(dtype)
+    original = {name: p.detach().clone() for name, p in mlp.named_parameters()}
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, init_weights=False, include_bias=True))
+    torch.manual_seed(3)
+    model.add_adapter("second", SaRAConfig(threshold=0.08, init_weights=False, include_bias=True))
+    for cycle in range(5):
+        model.base_model.set_adapter(["default", "second"])
+        for layer in sara_layers(model):
+            layer.set_scale("second", 0.3 + 0.2 * cycle)
+        model.merge_adapter()
+        assert all(layer.merged for layer in sara_layers(model))
+        model.unmerge_adapter()
+    unmerged = {name.replace("base_layer.", ""): p for name, p in model.base_model.model.named_parameters()}
+    assert all(torch.equal(unmerged[name], tensor) for name, tensor in original.items())
+    model.merge_adapter()
+    model.float()  # a merged model cast to another dtype unmerges to the cast base
+    model.unmerge_adapter()
+    unmerged = {name.replace("base_layer.", ""): p for name, p in model.base_model.model.named_parameters()}
+    assert all(torch.equal(unmerged[name], tensor.float()) for name, tensor in original.items())
+
+
 def test_diffusers_adapter_api(unet):
     inputs = unet_inputs(unet)
     with torch.no_grad():
