@@ -342,7 +342,9 @@ class SaRALayer(BaseTunerLayer):
         originals + scale · values per optimizer step instead of several passes per op. The unfolded path writes the
         same formula, so both compute bit-identical weights. Anything else unfolds.
         """
-        if len(updates) != 1 or not self._fold_allowed:
+        # under torch.compile the fold's state (version counters, a Python object changed between calls) would be
+        # baked into the compiled graph, which then skips refreshes: the per-op path traces correctly
+        if len(updates) != 1 or not self._fold_allowed or torch.compiler.is_compiling():
             self._restore_base()
             return False
         indices, values, scale = updates[0]
@@ -579,15 +581,24 @@ class SaRALayer(BaseTunerLayer):
         return _SparseWeightOp.apply(x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values)
 
 
-@contextmanager
-def _offloaded_tensors_loaded(modules: tuple[nn.Module, ...]) -> Iterator[None]:
-    """Load the tensors of modules that accelerate's offload hooks keep on the meta device (`cpu_offload`,
-    `disk_offload`, diffusers' `enable_sequential_cpu_offload`) for the block's duration, and offload them again after.
+def _offload_hooks(modules: tuple[nn.Module, ...]) -> list[tuple[nn.Module, Any]]:
+    """The modules among these that accelerate's offload hooks keep on the meta device (`cpu_offload`,
+    `disk_offload`, diffusers' `enable_sequential_cpu_offload`), with their hooks; usually none."""
+    hooked = []
+    for module in modules:
+        hook = vars(module).get("_hf_hook")  # not getattr: a miss raises inside torch.nn.Module
+        if getattr(hook, "offload", False):
+            hooked.append((module, hook))
+    return hooked
 
-    Those hooks load a module's tensors around its own forward only; SaRA's op reads the base layer's weight and its
-    values and positions without calling their forwards. No hook (the usual case): nothing happens.
+
+@contextmanager
+def _offloaded_tensors_loaded(hooked: list[tuple[nn.Module, Any]]) -> Iterator[None]:
+    """Load the tensors of offloaded modules for the block's duration, and offload them again after.
+
+    The offload hooks load a module's tensors around its own forward only; SaRA's op reads the base layer's weight
+    and its values and positions without calling their forwards.
     """
-    hooked = [(module, hook) for module in modules if getattr(hook := vars(module).get("_hf_hook"), "offload", False)]
     for module, hook in hooked:
         hook.pre_forward(module)
     try:
@@ -629,7 +640,10 @@ class _SaRAModule(nn.Module, SaRALayer):
         if self.merged or not active:
             self._restore_base()
             return self.base_layer(x, *args, **kwargs)
-        with _offloaded_tensors_loaded((self.base_layer, self.sara_values, self.sara_indices)):
+        hooked = _offload_hooks((self.base_layer, self.sara_values, self.sara_indices))
+        if not hooked:  # no context manager on the usual path: torch.compile traces it without a graph break
+            return self._sparse_forward(*self._input_and_op(x), active)
+        with _offloaded_tensors_loaded(hooked):
             return self._sparse_forward(*self._input_and_op(x), active)
 
     # A folded update is taken out of the weight before the module's tensors are saved, loaded, moved or cast, and

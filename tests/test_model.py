@@ -715,3 +715,71 @@ def test_diffusers_layerwise_casting_keeps_sara_values_and_computes_in_the_compu
     inputs = unet_inputs(unet)
     with torch.no_grad():
         torch.testing.assert_close(unet(**inputs).sample, reference(**inputs).sample)
+
+
+def test_peft_status_and_requires_grad_helpers_see_sara_layers(mlp):
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05))
+    model.add_adapter("two", SaRAConfig(threshold=0.05))
+    status = model.get_model_status()
+    assert status.peft_types == {"default": "SARA", "two": "SARA"} and status.num_adapter_layers == 3
+    assert status.requires_grad == {"default": True, "two": False}
+    layer_status = {row.name: row for row in model.get_layer_status()}
+    assert set(layer_status) == {"model.conv", "model.lin0", "model.lin1"}
+    assert layer_status["model.lin0"].module_type == "sara.Linear"
+    assert layer_status["model.lin0"].available_adapters == ["default", "two"]
+    model.set_requires_grad("two", requires_grad=True)
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {
+        f"base_model.model.{m}.sara_values.{a}" for m in ("conv", "lin0", "lin1") for a in ("default", "two")
+    }
+
+
+def test_inject_adapter_in_model_and_modules_to_save(mlp, mlp_input):
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(0)
+    injected = inject_adapter_in_model(SaRAConfig(threshold=0.05, init_weights=False), MLPConv())
+    assert [type(m) for m in (injected.conv, injected.lin0, injected.lin1)] == [
+        peft_sara.layer.Conv2d,
+        peft_sara.layer.Linear,
+        peft_sara.layer.Linear,
+    ]
+    assert not torch.equal(injected(mlp_input), mlp(mlp_input))  # the update is applied
+    model = get_peft_model(mlp, SaRAConfig(threshold=0.05, target_modules=["lin0"], modules_to_save=["lin1"]))
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trainable == {
+        "base_model.model.lin0.sara_values.default",
+        "base_model.model.lin1.modules_to_save.default.weight",
+        "base_model.model.lin1.modules_to_save.default.bias",
+    }
+
+
+def test_torch_compile_trains_as_eager(mlp_input):
+    """A compiled model trains exactly as the eager one, through optimizer steps (the training fold's refresh after
+    each step must not be baked into the compiled graph), and infers the same afterwards."""
+
+    def outputs_and_values(compile_model: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = get_peft_model(MLPConv(), SaRAConfig(threshold=0.05, init_weights=False, lambda_rank=0.1))
+        run = torch.compile(model, backend="aot_eager") if compile_model else model
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        peft_sara.attach(model, optimizer)
+        outputs = []
+        for _ in range(3):
+            output = run(mlp_input)
+            output.square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(output.detach())
+        model.eval()
+        with torch.no_grad():
+            outputs.append(run(mlp_input))
+        return outputs, {name: param.detach() for name, param in model.named_parameters()}
+
+    eager_outputs, eager_values = outputs_and_values(False)
+    compiled_outputs, compiled_values = outputs_and_values(True)
+    for compiled, eager in zip(compiled_outputs, eager_outputs):
+        torch.testing.assert_close(compiled, eager)
+    assert eager_values.keys() == compiled_values.keys()
+    for name, values in eager_values.items():
+        torch.testing.assert_close(compiled_values[name], values)
