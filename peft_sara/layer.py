@@ -504,7 +504,8 @@ class SaRALayer(BaseTunerLayer):
         return [name for name in names if name in self.sara_values and name not in self.merged_adapters]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the updates of the given (default: active) adapters into the base weight and bias.
+        """Add the updates of the given (default: active) adapters into the base weight and bias, keeping the entries
+        they replace (one per position, in the base dtype) until `unmerge` copies them back.
 
         With `safe_merge`, the first layer merged checks every SaRA layer of its model, so that a non-finite update
         anywhere refuses the whole merge before any weight changes; the layers it checked then skip that model-wide
