@@ -342,9 +342,7 @@ class SaRALayer(BaseTunerLayer):
         originals + scale · values per optimizer step instead of several passes per op. The unfolded path writes the
         same formula, so both compute bit-identical weights. Anything else unfolds.
         """
-        # under torch.compile the fold's state (version counters, a Python object changed between calls) would be
-        # baked into the compiled graph, which then skips refreshes: the per-op path traces correctly
-        if len(updates) != 1 or not self._fold_allowed or torch.compiler.is_compiling():
+        if len(updates) != 1 or not self._fold_allowed:
             self._restore_base()
             return False
         indices, values, scale = updates[0]
@@ -563,6 +561,11 @@ class SaRALayer(BaseTunerLayer):
                 entries[tensor_name] = (indices, getattr(base_layer, tensor_name).detach().reshape(-1)[indices])
         return entries
 
+    # torch.compile runs this eagerly, a graph break per layer: traced, the training fold's state (version counters,
+    # a Python object changed between calls) is baked into the graph, which then skips refreshes, and inductor
+    # mis-compiles the per-op path's in-place write and restore (wrong gradients, a changed base weight). Disabled
+    # here rather than chosen by torch.compiler.is_compiling(): dynamo also compiles frames eager code calls.
+    @torch.compiler.disable
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
         base_layer = self._raw_base_layer()
         weight = base_layer.weight
@@ -582,24 +585,19 @@ class SaRALayer(BaseTunerLayer):
         return _SparseWeightOp.apply(x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values)
 
 
-def _offload_hooks(modules: tuple[nn.Module, ...]) -> list[tuple[nn.Module, Any]]:
-    """The modules among these that accelerate's offload hooks keep on the meta device (`cpu_offload`,
-    `disk_offload`, diffusers' `enable_sequential_cpu_offload`), with their hooks; usually none."""
+@contextmanager
+def _offloaded_tensors_loaded(modules: tuple[nn.Module, ...]) -> Iterator[None]:
+    """Load the tensors of modules that accelerate's offload hooks keep on the meta device (`cpu_offload`,
+    `disk_offload`, diffusers' `enable_sequential_cpu_offload`) for the block's duration, and offload them again after.
+
+    Those hooks load a module's tensors around its own forward only; SaRA's op reads the base layer's weight and its
+    values and positions without calling their forwards. No hook (the usual case): nothing happens.
+    """
     hooked = []
     for module in modules:
         hook = vars(module).get("_hf_hook")  # not getattr: a miss raises inside torch.nn.Module
         if getattr(hook, "offload", False):
             hooked.append((module, hook))
-    return hooked
-
-
-@contextmanager
-def _offloaded_tensors_loaded(hooked: list[tuple[nn.Module, Any]]) -> Iterator[None]:
-    """Load the tensors of offloaded modules for the block's duration, and offload them again after.
-
-    The offload hooks load a module's tensors around its own forward only; SaRA's op reads the base layer's weight
-    and its values and positions without calling their forwards.
-    """
     for module, hook in hooked:
         hook.pre_forward(module)
     try:
@@ -641,10 +639,7 @@ class _SaRAModule(nn.Module, SaRALayer):
         if self.merged or not active:
             self._restore_base()
             return self.base_layer(x, *args, **kwargs)
-        hooked = _offload_hooks((self.base_layer, self.sara_values, self.sara_indices))
-        if not hooked:  # no context manager on the usual path: torch.compile traces it without a graph break
-            return self._sparse_forward(*self._input_and_op(x), active)
-        with _offloaded_tensors_loaded(hooked):
+        with _offloaded_tensors_loaded((self.base_layer, self.sara_values, self.sara_indices)):
             return self._sparse_forward(*self._input_and_op(x), active)
 
     # A folded update is taken out of the weight before the module's tensors are saved, loaded, moved or cast, and

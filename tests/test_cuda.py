@@ -1,5 +1,6 @@
 """SaRA on a CUDA device: the sparse op in half precision under autocast and a gradient scaler, the regulariser and
-the progressive step, save and load, and a DreamBooth run. Skipped without a GPU; `make test-gpu` runs them."""
+the progressive step, save and load, a fused optimizer under a scaler, torch.compile with inductor, and a DreamBooth
+run. Skipped without a GPU; `make test-gpu` runs them."""
 
 from __future__ import annotations
 
@@ -132,3 +133,53 @@ def test_a_dreambooth_run_on_the_gpu(tiny_pipeline_dir, tmp_path):
     assert (output / "unet" / "adapter_model.safetensors").is_file()
     assert (output / "validation" / "final-0.png").is_file()
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_fused_optimizer_under_a_scaler_trains_as_with_unscaled_gradients():
+    """A GradScaler steps a fused AdamW with the gradients still scaled unless `unscale_` ran: both must train alike,
+    the regulariser included (its subgradient is added at the gradients' scale)."""
+
+    def trained_values(unscale_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        unet = tiny_unet().to(DEVICE)
+        model = get_peft_model(unet, SaRAConfig(threshold=0.02, lambda_rank=1.0, rank_min_dim=8, init_weights=False))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
+        peft_sara.attach(model, optimizer)
+        scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**12)
+        inputs = {key: value.to(DEVICE) for key, value in unet_inputs(unet).items()}
+        for _ in range(3):
+            with torch.autocast(DEVICE, dtype=torch.float16):
+                loss = model(**inputs).sample.float().pow(2).mean()
+            scaler.scale(loss).backward()
+            if unscale_first:
+                scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+        return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+
+    unscaled, scaled = trained_values(True), trained_values(False)
+    for name, values in unscaled.items():
+        torch.testing.assert_close(scaled[name], values, rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_with_inductor_trains_as_eager():
+    def outputs(compile_model: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        unet = tiny_unet().to(DEVICE)
+        model = get_peft_model(unet, SaRAConfig(threshold=0.02, lambda_rank=5e-3, rank_min_dim=8, init_weights=False))
+        run = torch.compile(model) if compile_model else model
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        peft_sara.attach(model, optimizer)
+        inputs = {key: value.to(DEVICE) for key, value in unet_inputs(unet).items()}
+        results = []
+        for _ in range(3):
+            output = run(**inputs).sample
+            output.pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            results.append(output.detach())
+        return results
+
+    for compiled, eager in zip(outputs(True), outputs(False)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -755,13 +755,14 @@ def test_inject_adapter_in_model_and_modules_to_save(mlp, mlp_input):
 
 
 def test_torch_compile_trains_as_eager(mlp_input):
-    """A compiled model trains exactly as the eager one, through optimizer steps (the training fold's refresh after
-    each step must not be baked into the compiled graph), and infers the same afterwards."""
+    """A compiled model (inductor) trains bit for bit as the eager one through optimizer steps and infers the same
+    afterwards: the SaRA layers run eagerly (traced, the training fold's refresh was baked into the graph, and
+    inductor mis-compiled the per-op path's in-place write and restore), the base weights stay untouched."""
 
     def outputs_and_values(compile_model: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = get_peft_model(MLPConv(), SaRAConfig(threshold=0.05, init_weights=False, lambda_rank=0.1))
-        run = torch.compile(model, backend="aot_eager") if compile_model else model
+        run = torch.compile(model) if compile_model else model
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         peft_sara.attach(model, optimizer)
         outputs = []
@@ -778,8 +779,6 @@ def test_torch_compile_trains_as_eager(mlp_input):
 
     eager_outputs, eager_values = outputs_and_values(False)
     compiled_outputs, compiled_values = outputs_and_values(True)
-    for compiled, eager in zip(compiled_outputs, eager_outputs):
-        torch.testing.assert_close(compiled, eager)
+    assert all(torch.equal(compiled, eager) for compiled, eager in zip(compiled_outputs, eager_outputs))
     assert eager_values.keys() == compiled_values.keys()
-    for name, values in eager_values.items():
-        torch.testing.assert_close(compiled_values[name], values)
+    assert all(torch.equal(compiled_values[name], values) for name, values in eager_values.items())
