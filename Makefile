@@ -1,25 +1,39 @@
-# `make test` and `make demo` do all set-up themselves: a local virtualenv with the package and its extras.
+# `make test` and `make demo` do all set-up themselves: a local virtualenv with the package and its extras, resolved
+# to the newest versions setup.cfg allows (so that CI meets an upstream release the day it breaks us). The last set
+# known to pass is constraints.txt: `make test VENV=.venv-pinned CONSTRAINTS=constraints.txt` installs exactly that,
+# and `make constraints` records the current virtualenv's set after a green run.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 # SPEC §6: the CPU wheel of this torch lies on the machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
+CONSTRAINTS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-all test-gpu lint demo demo-base benchmark quality clean
+.PHONY: test test-all test-gpu lint demo demo-base benchmark quality clean constraints versions
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[test,train,bench]"
+	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) \
+		"$(TORCH)" -e ".[test,train,bench]"
 	touch $(STAMP)
+
+# The versions a run tests, printed first in its log.
+versions: $(STAMP)
+	@$(BIN)/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|diffusers|peft|transformers|accelerate|safetensors|huggingface.hub)=='
+
+# Record the virtualenv's resolved set as the last known to pass (run after a green `make test`).
+constraints: $(STAMP)
+	{ echo "# The last set of versions known to pass make test (pip install -c constraints.txt -e .), $$(date -u +%F)."; \
+	  $(BIN)/python -m pip freeze --exclude-editable 2>/dev/null | sed 's/+cpu$$//'; } > constraints.txt
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The default suite: offline, within 15 minutes on 2 CPU cores. Tests marked `slow` need more (real-size UNet).
-test: lint
+test: lint versions
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" -q
 
 test-all: lint

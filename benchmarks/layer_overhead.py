@@ -6,7 +6,7 @@ machine, with no GPU: each method trains the same stack of `--layers` Linear lay
 has 282 Linear/Conv2d layers), and the step time minus the floor's, per layer, is the method's own overhead.
 
 Methods: `dense_grad` (the floor: native autograd, every weight gradient computed and dropped at once), `sara`
-(this package, the fold path), `lora` (PEFT LoRA r=4 on every layer). Each step is a forward and backward; with
+(this package), `lora` (PEFT LoRA r=4 on every layer). Each step is a forward and backward; with
 `--optimizer`, also gradient clipping and a foreach AdamW step (as CUDA's default), which the floor does not take.
 Each figure is the fastest of `--repeats` timings of `--steps` steps, one thread.
 

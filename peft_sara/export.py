@@ -129,6 +129,7 @@ def export_lora(
     format: str = "diffusers",
     allow_partial: bool = False,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> LoraExport:
     """Export the SaRA adapter(s) in `source` as one LoRA file in `output_dir`, by truncated SVD of each update.
 
@@ -146,6 +147,8 @@ def export_lora(
     refused unless `allow_partial=True`, which leaves them out and names them in the result. Convolutions are exported
     in the LoCon layout (down: a convolution of the layer's kernel, up: 1x1), which fits convolutions without groups
     or dilation, as in Stable Diffusion's UNets. Values are written in `dtype`.
+
+    An existing export in `output_dir`, or an `output_dir` inside `source`, is refused unless `overwrite=True`.
     """
     rank = check_rank(rank)
     if format not in FORMATS:
@@ -154,6 +157,8 @@ def export_lora(
         raise ValueError(f"dtype must be torch.float32, float16 or bfloat16, got {dtype}.")
     source, output_dir = Path(source), Path(output_dir)
     folders, name = _adapter_folders(source)
+    path = output_dir / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else f"{name}.safetensors")
+    _check_output_dir(source, output_dir, [path, output_dir / f"{name}_emb.safetensors"], overwrite)
     if format == "kohya" and (unknown := sorted(set(folders) - {"unet", "text_encoder", "text_encoder_2"})):
         raise ValueError(
             f"The kohya format names UNet and text-encoder layers only; {source} also adapts {', '.join(unknown)}. "
@@ -198,7 +203,6 @@ def export_lora(
     if not layers:
         raise ValueError(f"Every update of the SaRA adapter in {source} is zero: there is nothing to export.")
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else f"{name}.safetensors")
     tensors, metadata = _lora_file_contents(layers, factors, format, sdxl, dtype)
     metadata.update(format="pt", sara_export=json.dumps({"source": name, "rank": rank}))
     _write_atomically(path, lambda staging: _save(tensors, staging, metadata))
@@ -211,6 +215,25 @@ def export_lora(
                 result.embeddings_path, lambda staging: shutil.copyfile(source / f"{name}_emb.safetensors", staging)
             )
     return result
+
+
+def _check_output_dir(source: Path, output_dir: Path, paths: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder that is a file, and (unless `overwrite`) one that already holds an export or lies in
+    the source folder, whose files an export would mix with or replace."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"{output_dir} is a file, not a folder: pass the folder the LoRA is to be written to.")
+    if overwrite:
+        return
+    if output_dir.resolve().is_relative_to(source.resolve()):
+        raise ValueError(
+            f"{output_dir} is inside the source folder {source}: pass another output folder, or overwrite=True "
+            "(--overwrite) to write the LoRA there."
+        )
+    existing = [str(path) for path in paths if path.exists()]
+    if existing:
+        raise ValueError(
+            f"{existing[0]} exists already: pass another output folder, or overwrite=True (--overwrite) to replace it."
+        )
 
 
 def _adapter_folders(source: Path) -> tuple[dict[str, Path], str]:

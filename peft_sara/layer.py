@@ -2,22 +2,16 @@
 
 Each adapter keeps two tensors per layer: `sara_indices`, the sorted flat positions of the trainable entries (saved
 with the adapter, never recomputed from the base at load time), and `sara_values`, the trainable fp32 update at those
-positions. The backward pass gathers the dense weight gradient at the positions ("unstructured backpropagation"): no
-dense weight copy is kept for the backward pass and no dense weight gradient outlives its layer's backward step.
-
-While one adapter trains, its update stays folded into the base weight's storage between calls and is refreshed once
-after each optimizer step (see `SaRALayer._hold_fold`); everything that reads the base weight through PEFT's API
-(`get_base_layer`, `state_dict`, merging, moves, switching adapters) first gets it back bit for bit. Otherwise (several
-adapters active, inference) each op adds the update for its own duration and puts the original entries back.
+positions. The layer's op is `sparse_ops.SparseWeightOp`: the backward pass gathers the dense weight gradient at the
+positions ("unstructured backpropagation"), no dense weight copy is kept for the backward pass, and the base weight
+holds the pre-trained entries whenever no op is running. A layer whose base is another adapter's layer (a LoRA loaded
+first) adds its update on top of what that layer computes.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,220 +21,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SaRAConfig
-
-INDEX_DTYPE_LIMIT = 2**31 - 1
-
-
-def index_dtype_for(numel: int) -> torch.dtype:
-    """int32 positions (half the memory and disk of int64) unless the tensor is too large for them."""
-    return torch.int32 if numel <= INDEX_DTYPE_LIMIT else torch.int64
-
-
-def select_entries(tensor: torch.Tensor, threshold: float, selection: str = "smallest") -> torch.Tensor:
-    """Sorted flat positions of the trainable entries: those with |w| < threshold (compared in fp32 whatever the
-    tensor's dtype), or as many of the largest-magnitude or of random entries (see `SaRAConfig.selection`)."""
-    magnitudes = tensor.detach().float().abs().reshape(-1)
-    small = magnitudes < threshold
-    if selection == "smallest":
-        positions = small.nonzero().squeeze(1)
-    elif selection == "largest":
-        positions = magnitudes.topk(int(small.sum())).indices.sort().values
-    elif selection == "random":
-        positions = torch.randperm(magnitudes.numel())[: int(small.sum())].to(magnitudes.device).sort().values
-    else:
-        raise ValueError(f"unknown selection {selection!r}")
-    return positions.to(index_dtype_for(tensor.numel()))
-
-
-def _scatter_updates(
-    dense: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype | None = None
-) -> torch.Tensor:
-    """Return a copy of `dense` (in `dtype`, default its own) with every (indices, values, scale) update added."""
-    flat = dense.reshape(-1).to(dtype or dense.dtype, copy=True)
-    for indices, values, scale in updates:
-        flat.index_add_(0, indices, values.to(flat.dtype), alpha=scale)
-    return flat.view_as(dense)
-
-
-def _write_updated_entries(
-    flat: torch.Tensor, positions: torch.Tensor, entries: torch.Tensor, values: torch.Tensor, scale: float
-) -> None:
-    """flat[positions] = entries + scale · values, where `entries` are flat's current entries at those positions.
-
-    The one formula every path uses to put an update into a weight, so that the folded and unfolded paths agree bit
-    for bit; computed out of place on the entries and written with `index_copy_` (int64 positions): over SD 1.5's
-    49.8M positions on a 2-core CPU 0.22 s, against 0.32 s for `scatter_` and 0.29 s for `index_put_`.
-    """
-    update = _as_dtype(values.detach(), flat.dtype)
-    if scale != 1.0:  # multiplying by 1.0 is exact: skipping it changes no bit and saves a kernel
-        update = update * scale
-    flat.index_copy_(0, positions, entries + update)
-
-
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`tensor.to(dtype)` without the call when it is a no-op: the sparse op runs once per layer per step, and on a
-    GPU a small model's step is bound by such per-call overheads."""
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-@contextmanager
-def _weight_with_updates(
-    weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
-) -> Iterator[torch.Tensor]:
-    """The effective weight W + Σ scale · scatter(values), in `dtype`, valid inside the `with` block.
-
-    The updates are added into the weight's own storage and the original entries are put back afterwards (copied,
-    not subtracted, so the base weight is restored bit for bit). That costs a few passes over the positions instead of
-    a copy of the whole weight per call. Going through `.data` leaves autograd's version counter of the parameter
-    alone. A non-contiguous weight (channels_last) gets a patched copy instead. Like any in-place use of a weight,
-    this is not for one model run by several threads at once (torch.nn.DataParallel); DDP runs processes.
-
-    A weight stored narrower than it computes (diffusers' layerwise casting keeps it in fp8 or bf16) also gets a
-    patched copy in `dtype`: the updates would otherwise be rounded to the storage dtype.
-    """
-    if not weight.is_contiguous() or weight.dtype.itemsize < dtype.itemsize:
-        yield _scatter_updates(weight.detach(), updates, dtype)
-        return
-    flat = weight.data.view(-1)
-    positions = [indices.long() for indices, _, _ in updates]
-    originals = [flat.index_select(0, where) for where in positions]
-    try:
-        for number, (where, (_, values, scale)) in enumerate(zip(positions, updates)):
-            # the first update sees the originals; a later one what the earlier ones made of shared positions
-            entries = originals[0] if number == 0 else flat.index_select(0, where)
-            _write_updated_entries(flat, where, entries, values, scale)
-        yield weight.data.to(dtype)
-    finally:
-        for where, original in zip(positions, originals):
-            flat.index_copy_(0, where, original)
-
-
-def _effective_weight(weight: torch.Tensor, indices_and_values, scales, dtype: torch.dtype, folded: bool):
-    """The effective weight in `dtype` for one op: the weight itself when the updates are folded into it already."""
-    if folded:
-        return nullcontext(_as_dtype(weight.detach(), dtype))
-    return _weight_with_updates(weight, _pair_updates(indices_and_values, scales), dtype)
-
-
-class _SparseWeightOp(torch.autograd.Function):
-    """y = op(x, W + Σ scatter(indices_a, scale_a · values_a), bias), differentiable in x, bias and the values only.
-
-    `folded` says that the weight holds the updates already (one adapter training, see `SaRALayer._hold_fold`); a
-    fold takes this op only when it computes in another dtype than the weight's (autocast over fp32 weights), where
-    torch's own op would save a cast copy of every weight for backward. The values are saved for backward either
-    way, so that autograd refuses a backward after they changed in place. The effective weight is rebuilt (and cast)
-    in backward instead of being saved, and the dense weight gradient is gathered at the indices and freed at once:
-    the only weight-sized temporary is that gradient (plus a cast copy under autocast).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values):
-        ctx.input_dtype, ctx.has_bias = x.dtype, bias is not None
-        x = _as_dtype(x, compute_dtype)
-        with _effective_weight(weight, indices_and_values, scales, compute_dtype, folded) as effective:
-            output = op.forward(x, effective, None if bias is None else _as_dtype(bias, compute_dtype))
-        ctx.op, ctx.scales, ctx.compute_dtype, ctx.folded = op, scales, compute_dtype, folded
-        ctx.save_for_backward(x, weight, *indices_and_values)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight, *indices_and_values = ctx.saved_tensors
-        compute_dtype, scales = ctx.compute_dtype, ctx.scales
-        grad_output = _as_dtype(grad_output, compute_dtype)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        needs_values = ctx.needs_input_grad[8::2]
-        needs_dense_grad = needs_weight or any(needs_values)
-        with _effective_weight(weight, indices_and_values, scales, compute_dtype, ctx.folded) as effective:
-            grad_x, dense_grad, grad_bias = ctx.op.backward(
-                grad_output, x, effective, needs_x, needs_dense_grad, needs_bias and ctx.has_bias
-            )
-        grad_values = [None] * len(needs_values)
-        if needs_dense_grad:
-            flat_grad = dense_grad.reshape(-1)
-            for position, needed in enumerate(needs_values):
-                if needed:
-                    grad_values[position] = _values_grad(flat_grad, indices_and_values[2 * position], scales[position])
-            del flat_grad
-        grad_weight = _as_dtype(dense_grad, weight.dtype) if needs_weight else None
-        del dense_grad
-        grad_x = _as_dtype(grad_x, ctx.input_dtype) if needs_x else None
-        grads_of_pairs = [grad for value_grad in grad_values for grad in (None, value_grad)]
-        return (grad_x, grad_weight, grad_bias, None, None, None, None, *grads_of_pairs)
-
-
-class _FoldedWeight(torch.autograd.Function):
-    """The base weight holding one training adapter's folded update, as it enters the layer's own op.
-
-    With the weight already in the op's dtype, the op runs as torch's native function, so autograd computes the input
-    and dense weight gradients in C++; this function's backward only gathers the weight gradient at the positions.
-    Per layer and step that is one small Python call each way instead of `_SparseWeightOp`'s formulas, which is what
-    a GPU step of a small batch waits for. The values are saved so that autograd refuses a backward after the
-    optimizer changed them in place.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, indices, values, scale):
-        ctx.scale = scale
-        ctx.save_for_backward(indices, values)
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad_weight):
-        indices, _ = ctx.saved_tensors
-        return None, None, _values_grad(grad_weight.reshape(-1), indices, ctx.scale), None
-
-
-def _values_grad(flat_grad: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
-    """The values' gradient: the dense weight gradient at the positions, in fp32, times the adapter's scale.
-    index_select takes the int32 positions as they are (no int64 copy per call)."""
-    grad = _as_dtype(flat_grad.index_select(0, indices), torch.float32)
-    return grad if scale == 1.0 else grad * scale
-
-
-def _pair_updates(indices_and_values, scales) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    return [(indices_and_values[2 * i], indices_and_values[2 * i + 1], scale) for i, scale in enumerate(scales)]
-
-
-class _LinearOp:
-    """Forward and gradient formulas of F.linear, in the dtype they are given."""
-
-    @staticmethod
-    def forward(x, weight, bias):
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(grad_output, x, weight, needs_input, needs_weight, needs_bias):
-        grad_input = grad_output @ weight if needs_input else None
-        rows = grad_output.reshape(-1, grad_output.shape[-1])
-        grad_weight = rows.T @ x.reshape(-1, x.shape[-1]) if needs_weight else None
-        return grad_input, grad_weight, rows.sum(0) if needs_bias else None
-
-
-class _Conv2dOp:
-    """Forward and gradient formulas of a zero-padded F.conv2d (other padding modes pad the input beforehand)."""
-
-    def __init__(self, stride, padding, dilation, groups):
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-
-    def forward(self, x, weight, bias):
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def backward(self, grad_output, x, weight, needs_input, needs_weight, needs_bias):
-        """Input, weight and bias gradients from one convolution_backward call, as autograd computes them."""
-        return torch.ops.aten.convolution_backward(
-            grad_output,
-            x,
-            weight,
-            [weight.shape[0]] if needs_bias else None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            [0, 0],
-            self.groups,
-            [needs_input, needs_weight, needs_bias],
-        )
+from .sparse_ops import (
+    Conv2dOp,
+    LinearOp,
+    SparseWeightOp,
+    dense_update,
+    layerwise_compute_dtype,
+    offloaded_tensors_loaded,
+    scatter_updates,
+    select_entries,
+)
 
 
 class ModelReference:
@@ -265,17 +55,6 @@ class ModelReference:
         return ModelReference, ()
 
 
-@dataclass
-class _Fold:
-    """One adapter's update held in a base weight's storage between calls, and what undoes it exactly."""
-
-    weight: torch.Tensor  # the parameter folded into
-    indices: torch.Tensor
-    values: torch.Tensor
-    originals: torch.Tensor  # the weight's entries at `indices` before the fold, in its dtype
-    state: tuple[int, int, float]  # values' and indices' version counters and the scale, when folded
-
-
 class SaRALayer(BaseTunerLayer):
     """State and generic operations shared by the SaRA layers of every base type."""
 
@@ -283,9 +62,6 @@ class SaRALayer(BaseTunerLayer):
     other_param_names = ("sara_indices", "sara_bias_indices", "sara_scaling", "sara_value_dtype")
 
     def __init__(self, base_layer: nn.Module) -> None:
-        self._sara_fold: _Fold | None = None
-        # whether a training adapter's update may stay folded into the weight (tests compare with the unfolded path)
-        self._fold_allowed = True
         self.base_layer = base_layer
         self.sara_values = nn.ParameterDict({})
         self.sara_indices = BufferDict({}, persistent=True)
@@ -314,80 +90,15 @@ class SaRALayer(BaseTunerLayer):
         self.out_features = getattr(base_layer, "out_features", getattr(base_layer, "out_channels", None))
 
     def get_base_layer(self) -> nn.Module:
-        """The base layer, its weight restored first if an update is folded into it: code that reads the base weight
-        through PEFT's API (merging, unloading, saving, moving, `weight`) sees the base bit for bit."""
-        self._restore_base()
-        return self._raw_base_layer()
-
-    def _raw_base_layer(self) -> nn.Module:
-        """The base layer as it is, for the forward pass, which keeps a training fold in place."""
+        """The innermost base layer (an nn.Linear or nn.Conv2d), also below another adapter's layer."""
         base_layer = self.base_layer
         # PEFT's lookup probes every level with hasattr, which raises inside torch for a plain layer: once per call
         return super().get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
 
-    def _restore_base(self) -> None:
-        """Take a folded update out of the base weight: its original entries are copied back, not subtracted."""
-        fold, self._sara_fold = self._sara_fold, None
-        if fold is not None:
-            fold.weight.data.view(-1).index_copy_(0, fold.indices.long(), fold.originals)
-
-    def _hold_fold(
-        self, weight: nn.Parameter, updates: list[tuple[torch.Tensor, torch.Tensor, float]], compute_dtype: torch.dtype
-    ) -> bool:
-        """Keep the update of a training adapter folded into the base weight; whether the op takes the weight as is.
-
-        A fold holds for one active adapter whose values train (grad mode on), on a contiguous weight stored at least
-        as wide as the op computes. It is refreshed when the values, positions or scale changed since the last call
-        (an optimizer's in-place step bumps the values' version counter), so an update costs one scatter of
-        originals + scale · values per optimizer step instead of several passes per op. The unfolded path writes the
-        same formula, so both compute bit-identical weights. Anything else unfolds.
-        """
-        if len(updates) != 1 or not self._fold_allowed:
-            self._restore_base()
-            return False
-        indices, values, scale = updates[0]
-        if not (
-            torch.is_grad_enabled()
-            and values.requires_grad
-            and weight.is_contiguous()
-            and weight.dtype.itemsize >= compute_dtype.itemsize
-            and weight.device.type != "meta"
-        ):
-            self._restore_base()
-            return False
-        state = (values._version, indices._version, scale)
-        fold, flat = self._sara_fold, weight.data.view(-1)
-        current = fold is not None and fold.weight is weight and fold.indices is indices and fold.values is values
-        if current and fold.state == state:
-            return True
-        positions = indices.long()
-        if not current:
-            self._restore_base()
-            fold = self._sara_fold = _Fold(weight, indices, values, flat.index_select(0, positions), state)
-        _write_updated_entries(flat, positions, fold.originals, values, scale)
-        fold.state = state
-        return True
-
     def base_entries(self, adapter_name: str) -> torch.Tensor:
-        """The base weight's entries at an adapter's positions, without any update: the regulariser and the
-        progressive step read them every step, so a fold's saved originals are used rather than unfolding."""
-        indices = self.sara_indices[adapter_name]
-        fold = self._sara_fold
-        if fold is not None and fold.indices is indices:
-            return fold.originals
-        return self.get_base_layer().weight.detach().reshape(-1).index_select(0, indices)
-
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        self._restore_base()
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self._restore_base()
-        super().enable_adapters(enabled)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._restore_base()
-        super().delete_adapter(adapter_name)
+        """The base weight's entries at an adapter's positions, without any update (the regulariser and the
+        progressive step read them)."""
+        return self.get_base_layer().weight.detach().reshape(-1).index_select(0, self.sara_indices[adapter_name])
 
     def update_layer(self, adapter_name: str, config: SaRAConfig) -> None:
         """Select the trainable entries of this layer for `adapter_name` and create their zero update."""
@@ -453,46 +164,43 @@ class SaRALayer(BaseTunerLayer):
 
     # scaling, as diffusers' set_adapters(weights), fuse_lora(lora_scale) and the lora_scale kwargs use it
     def set_scale(self, adapter: str, scale: float) -> None:
-        self._restore_base()
         if adapter in self.sara_scaling:
             self.sara_scaling[adapter] = float(scale)
 
     def scale_layer(self, scale: float) -> None:
-        self._restore_base()
         for adapter in self._active_sara_adapters():
             self.sara_scaling[adapter] *= scale
 
     def unscale_layer(self, scale: float | None = None) -> None:
-        self._restore_base()
         for adapter in self._active_sara_adapters():
             self.sara_scaling[adapter] = 1.0 if scale is None else self.sara_scaling[adapter] / scale
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense update of the weight for one adapter, in the base weight's dtype."""
         weight = self.get_base_layer().weight
-        return _scatter_updates(
+        return scatter_updates(
             torch.zeros_like(weight), self._updates([adapter_name], self.sara_indices, self.sara_values)
         )
 
-    def _folded(self, adapter_name: str) -> dict[str, torch.Tensor]:
+    def _merged_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The base weight and bias with one adapter's updates added, as copies."""
         base_layer = self.get_base_layer()
-        folded = {}
+        merged = {}
         for tensor_name, index_dict, value_dict in (
             ("weight", self.sara_indices, self.sara_values),
             ("bias", self.sara_bias_indices, self.sara_bias_values),
         ):
             updates = self._updates([adapter_name], index_dict, value_dict)
             if updates:
-                folded[tensor_name] = _scatter_updates(getattr(base_layer, tensor_name).data, updates)
-        return folded
+                merged[tensor_name] = scatter_updates(getattr(base_layer, tensor_name).data, updates)
+        return merged
 
     def _merge_into_base(self, adapter_name: str, check_finite: bool = False) -> None:
         """Add one adapter's updates to the base weight and bias."""
-        folded = self._folded(adapter_name)
-        if check_finite and not all(torch.isfinite(tensor).all() for tensor in folded.values()):
+        merged = self._merged_tensors(adapter_name)
+        if check_finite and not all(torch.isfinite(tensor).all() for tensor in merged.values()):
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-        for tensor_name, tensor in folded.items():
+        for tensor_name, tensor in merged.items():
             getattr(self.get_base_layer(), tensor_name).data.copy_(tensor)
 
     def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
@@ -529,7 +237,7 @@ class SaRALayer(BaseTunerLayer):
         to_merge = [(name, layer, layer._adapters_to_merge(adapter_names)) for name, layer in named_layers]
         for module_name, layer, names in to_merge:
             for adapter_name in names:
-                if not all(torch.isfinite(tensor).all() for tensor in layer._folded(adapter_name).values()):
+                if not all(torch.isfinite(tensor).all() for tensor in layer._merged_tensors(adapter_name).values()):
                     raise ValueError(
                         f"NaNs detected in the merged weights of {module_name or type(layer).__name__}. The adapter "
                         f"{adapter_name} seems to be broken; nothing was merged."
@@ -561,58 +269,36 @@ class SaRALayer(BaseTunerLayer):
                 entries[tensor_name] = (indices, getattr(base_layer, tensor_name).detach().reshape(-1)[indices])
         return entries
 
-    # torch.compile runs this eagerly, a graph break per layer: traced, the training fold's state (version counters,
-    # a Python object changed between calls) is baked into the graph, which then skips refreshes, and inductor
-    # mis-compiles the per-op path's in-place write and restore (wrong gradients, a changed base weight). Disabled
-    # here rather than chosen by torch.compiler.is_compiling(): dynamo also compiles frames eager code calls.
+    # torch.compile runs this eagerly, a graph break per layer: inductor mis-compiles the in-place write and restore
+    # of the sparse op (wrong gradients, a changed base weight). Disabled here rather than chosen by
+    # torch.compiler.is_compiling(): dynamo also compiles frames eager code calls.
     @torch.compiler.disable
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
-        base_layer = self._raw_base_layer()
-        weight = base_layer.weight
+        """The base layer's op with the active adapters' updates in its weight and bias."""
+        base_layer = self.get_base_layer()
         updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
-        compute_dtype = _layerwise_compute_dtype(base_layer) or weight.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            compute_dtype = torch.get_autocast_dtype(x.device.type)
-        folded = self._hold_fold(weight, updates, compute_dtype)
+        compute_dtype = self._compute_dtype(x, base_layer)
         bias = self._effective_bias(base_layer.bias, adapter_names)
-        if folded and weight.dtype == compute_dtype:
-            weight = _FoldedWeight.apply(weight, *updates[0])
-            return op.forward(
-                _as_dtype(x, compute_dtype), weight, None if bias is None else _as_dtype(bias, compute_dtype)
-            )
         indices_and_values = [tensor for indices, values, _ in updates for tensor in (indices, values)]
         scales = tuple(scale for _, _, scale in updates)
-        return _SparseWeightOp.apply(x, weight, bias, op, compute_dtype, scales, folded, *indices_and_values)
+        return SparseWeightOp.apply(x, base_layer.weight, bias, op, compute_dtype, scales, *indices_and_values)
 
+    def _update_output(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
+        """The op applied with the updates alone (dense, through autograd), for a layer whose base is another
+        adapter's layer: what that layer computes is added to it as it is (its own adapters included)."""
+        base_layer = self.get_base_layer()
+        compute_dtype = self._compute_dtype(x, base_layer)
+        weight_updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
+        bias_updates = self._updates(adapter_names, self.sara_bias_indices, self.sara_bias_values)
+        weight = dense_update(base_layer.weight, weight_updates, compute_dtype)
+        bias = dense_update(base_layer.bias, bias_updates, compute_dtype) if bias_updates else None
+        return op.forward(x.to(compute_dtype), weight, bias)
 
-@contextmanager
-def _offloaded_tensors_loaded(modules: tuple[nn.Module, ...]) -> Iterator[None]:
-    """Load the tensors of modules that accelerate's offload hooks keep on the meta device (`cpu_offload`,
-    `disk_offload`, diffusers' `enable_sequential_cpu_offload`) for the block's duration, and offload them again after.
-
-    Those hooks load a module's tensors around its own forward only; SaRA's op reads the base layer's weight and its
-    values and positions without calling their forwards. No hook (the usual case): nothing happens.
-    """
-    hooked = []
-    for module in modules:
-        hook = vars(module).get("_hf_hook")  # not getattr: a miss raises inside torch.nn.Module
-        if getattr(hook, "offload", False):
-            hooked.append((module, hook))
-    for module, hook in hooked:
-        hook.pre_forward(module)
-    try:
-        yield
-    finally:
-        for module, hook in hooked:
-            hook.post_forward(module, None)
-
-
-def _layerwise_compute_dtype(base_layer: nn.Module) -> torch.dtype | None:
-    """The compute dtype of diffusers' layerwise casting on the base layer, if enabled: the base layer's own forward,
-    whose hook would cast its weight for the computation, does not run while SaRA computes with its weight."""
-    registry = vars(base_layer).get("_diffusers_hook")  # not getattr: a miss raises inside torch.nn.Module
-    hook = registry.get_hook("layerwise_casting") if registry is not None else None
-    return getattr(hook, "compute_dtype", None)
+    @staticmethod
+    def _compute_dtype(x: torch.Tensor, base_layer: nn.Module) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return layerwise_compute_dtype(base_layer) or base_layer.weight.dtype
 
 
 class _SaRAModule(nn.Module, SaRALayer):
@@ -633,33 +319,15 @@ class _SaRAModule(nn.Module, SaRALayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            self._restore_base()
             return self.base_layer(x, *args, **kwargs)
         active = self._active_sara_adapters()
         if self.merged or not active:
-            self._restore_base()
             return self.base_layer(x, *args, **kwargs)
-        with _offloaded_tensors_loaded((self.base_layer, self.sara_values, self.sara_indices)):
+        if isinstance(self.base_layer, BaseTunerLayer):  # e.g. a LoRA loaded before this adapter
+            result = self.base_layer(x, *args, **kwargs)
+            return result + self._update_output(*self._input_and_op(x), active).to(result.dtype)
+        with offloaded_tensors_loaded((self.base_layer, self.sara_values, self.sara_indices)):
             return self._sparse_forward(*self._input_and_op(x), active)
-
-    # A folded update is taken out of the weight before the module's tensors are saved, loaded, moved or cast, and
-    # when the module leaves training mode.
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        self._restore_base()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._restore_base()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse: bool = True):
-        self._restore_base()
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        if not mode:
-            self._restore_base()
-        return super().train(mode)
 
     def __repr__(self) -> str:
         return "sara." + super().__repr__()
@@ -669,7 +337,7 @@ class Linear(_SaRAModule):
     """SaRA on an `nn.Linear`."""
 
     def _input_and_op(self, x: torch.Tensor):
-        return x, _LinearOp
+        return x, LinearOp
 
 
 class Conv2d(_SaRAModule):
@@ -677,9 +345,17 @@ class Conv2d(_SaRAModule):
 
     def _input_and_op(self, x: torch.Tensor):
         """Apply non-zero or string padding to the input here, so that the sparse op only sees zero padding."""
-        conv = self._raw_base_layer()
+        conv = self.get_base_layer()
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-            return x, _Conv2dOp(conv.stride, conv.padding, conv.dilation, conv.groups)
+            return x, Conv2dOp(conv.stride, conv.padding, conv.dilation, conv.groups)
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-        return x, _Conv2dOp(conv.stride, (0, 0), conv.dilation, conv.groups)
+        return x, Conv2dOp(conv.stride, (0, 0), conv.dilation, conv.groups)
+
+    # What another adapter's layer reads of the convolution it wraps (PEFT's LoRA, when loaded after SaRA).
+    kernel_size = property(lambda self: self.get_base_layer().kernel_size)
+    stride = property(lambda self: self.get_base_layer().stride)
+    padding = property(lambda self: self.get_base_layer().padding)
+    dilation = property(lambda self: self.get_base_layer().dilation)
+    groups = property(lambda self: self.get_base_layer().groups)
+    padding_mode = property(lambda self: self.get_base_layer().padding_mode)

@@ -11,7 +11,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 
 from .config import SaRAConfig
-from .layer import Conv2d, Linear, ModelReference, SaRALayer, index_dtype_for
+from .layer import Conv2d, Linear, ModelReference, SaRALayer
+from .sparse_ops import index_dtype_for
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
 # (positions attribute, values attribute, name of the base layer's tensor they update, name of the packed form)
@@ -243,7 +244,9 @@ class SaRAModel(BaseTuner):
         resized, so a refused load changes no layer; an adapter made only to receive these weights (its config read
         by `SaRAConfig.from_pretrained`, as `PeftModel.from_pretrained` and `load_adapter` do) is removed again.
         """
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        state_dict = super()._remap_adapter_state_dict_for_load(
+            model, config, adapter_name, _with_model_prefix(model, state_dict)
+        )
         try:
             fitted = cls._match_saved_updates(model, adapter_name, state_dict)
         except ValueError:
@@ -329,6 +332,19 @@ class SaRAModel(BaseTuner):
                 "trained on (same architecture and module names)."
             )
         return fitted
+
+
+PEFT_MODEL_PREFIX = "base_model.model."
+
+
+def _with_model_prefix(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The saved keys as a PeftModel names them: a file saved from a model the adapter was injected into (diffusers'
+    `add_adapter`, `get_peft_model_state_dict(unet)`) lacks PEFT's `base_model.model.` prefix, which PEFT only ever
+    removes."""
+    wants_prefix = any(name.startswith(PEFT_MODEL_PREFIX) for name, _ in model.named_modules())
+    if not wants_prefix or any(key.startswith(PEFT_MODEL_PREFIX) for key in state_dict):
+        return state_dict
+    return {PEFT_MODEL_PREFIX + key: tensor for key, tensor in state_dict.items()}
 
 
 def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -110,7 +110,7 @@ class _TrainedUpdate:
 
     @property
     def weight_shape(self) -> torch.Size:
-        return self.layer._raw_base_layer().weight.shape
+        return self.layer.get_base_layer().weight.shape
 
     def effective_values(self) -> torch.Tensor:
         """fp32 value of the weight at the trainable positions: base + scale · update."""

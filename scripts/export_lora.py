@@ -47,6 +47,11 @@ def make_parser() -> argparse.ArgumentParser:
         help="Export even if the adapter holds parts a LoRA cannot express (bias updates, modules_to_save), leaving "
         "them out (they are listed).",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an export already in output_dir, or write into a folder inside the source folder.",
+    )
     return parser
 
 
@@ -60,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> LoraExport:
             format=args.format,
             allow_partial=args.allow_partial,
             dtype=SAVE_DTYPES[args.save_precision],
+            overwrite=args.overwrite,
         )
     except ValueError as error:  # every bad input is named by export_lora before anything is written
         raise UserInputError(str(error)) from error

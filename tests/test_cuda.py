@@ -50,7 +50,7 @@ def test_sparse_op_matches_autograd_under_autocast(dtype, kind):
     layer = (Linear if kind == "linear" else Conv2d)(base, "default", SaRAConfig(threshold=0.05, init_weights=False))
     assert layer.sara_values["default"].dtype == torch.float32
     x = torch.randn((4, 64) if kind == "linear" else (2, 8, 10, 10), device=DEVICE, dtype=dtype)
-    before = base.weight.detach().clone()  # while training, the update stays folded in until the base is asked for
+    before = base.weight.detach().clone()
     with torch.autocast(DEVICE, dtype=dtype):
         output = layer(x)
     grad_output = torch.randn_like(output)
@@ -61,16 +61,18 @@ def test_sparse_op_matches_autograd_under_autocast(dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_training_fold_is_bit_identical_under_autocast_and_a_scaler(dtype):
-    """The update folded into the weight between steps computes what the per-op path computes, bit for bit."""
+def test_ema_validation_between_steps_changes_nothing_under_autocast_and_a_scaler(dtype):
+    """diffusers' scripts between two steps: EMA store, copy_to, a no_grad validation forward, restore. Training
+    stays bit for bit what it is without them, and the base weights stay the pre-trained ones."""
+    from diffusers.training_utils import EMAModel
+
     runs = []
-    for fold_allowed in (True, False):
+    for with_ema in (False, True):
         torch.manual_seed(0)
         unet = tiny_unet().to(DEVICE)
         model = get_peft_model(unet, SaRAConfig(threshold=0.02, lambda_rank=5e-3, rank_min_dim=8, init_weights=False))
-        for module in model.modules():
-            if isinstance(module, (Linear, Conv2d)):
-                module._fold_allowed = fold_allowed
+        base = {name: p.detach().clone() for name, p in model.named_parameters() if "sara_" not in name}
+        ema = EMAModel(model.parameters()) if with_ema else None
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         peft_sara.attach(model, optimizer)
         scaler = torch.amp.GradScaler(DEVICE)
@@ -84,6 +86,14 @@ def test_the_training_fold_is_bit_identical_under_autocast_and_a_scaler(dtype):
             scaler.update()
             optimizer.zero_grad()
             outputs.append(output.detach())
+            if ema is not None:
+                ema.step(model.parameters())
+                ema.store(model.parameters())
+                ema.copy_to(model.parameters())
+                with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype):
+                    model(**inputs)
+                ema.restore(model.parameters())
+        assert all(torch.equal(p, base[name]) for name, p in model.named_parameters() if "sara_" not in name)
         values = [param.detach() for name, param in model.named_parameters() if "sara_values" in name]
         runs.append((outputs, values))
     (outputs, values), (reference_outputs, reference_values) = runs

@@ -231,5 +231,5 @@ def test_a_run_folder_missing_part_of_its_save_is_refused(tmp_path):
     assert export_lora(tmp_path / "run", tmp_path / "lora", rank=2).layers
     shutil.rmtree(tmp_path / "run" / "text_encoder")
     with pytest.raises(ValueError, match=r"not one whole save \(text_encoder missing\)"):
-        export_lora(tmp_path / "run", tmp_path / "lora", rank=2)
-    assert export_lora(tmp_path / "run" / "unet", tmp_path / "lora", rank=2).layers  # one adapter folder, on purpose
+        export_lora(tmp_path / "run", tmp_path / "lora-2", rank=2)
+    assert export_lora(tmp_path / "run" / "unet", tmp_path / "lora-3", rank=2).layers  # one adapter folder, on purpose

@@ -65,3 +65,30 @@ def test_bad_input_is_one_line_on_stderr_and_status_2(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: Found no adapter in {tmp_path}")
+
+
+def test_an_output_that_would_replace_or_mix_files_is_refused_unless_overwrite(run_dir, tmp_path):
+    export = load_script("export_lora").main
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("keep me")
+    with pytest.raises(UserInputError, match="is a file, not a folder"):
+        export([str(run_dir), str(a_file)])
+    with pytest.raises(UserInputError, match="is a file, not a folder"):
+        export([str(run_dir), str(a_file), "--overwrite"])
+    assert a_file.read_text() == "keep me"
+
+    out = tmp_path / "out"
+    first = export([str(run_dir), str(out), "--rank", "2"])
+    written = first.path.read_bytes()
+    with pytest.raises(UserInputError, match="exists already: pass another output folder, or overwrite=True"):
+        export([str(run_dir), str(out), "--rank", "3"])
+    assert first.path.read_bytes() == written
+    assert export([str(run_dir), str(out), "--rank", "3", "--overwrite"]).path.read_bytes() != written
+
+    inside = run_dir / "unet" / "lora"
+    with pytest.raises(UserInputError, match="is inside the source folder"):
+        export([str(run_dir), str(inside)])
+    with pytest.raises(UserInputError, match="is inside the source folder"):
+        export([str(run_dir), str(run_dir)])
+    assert not inside.exists()
+    assert export([str(run_dir), str(inside), "--overwrite"]).path.parent == inside

@@ -9,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_sara import SaRAConfig
-from peft_sara.layer import Conv2d, Linear, select_entries
+from peft_sara.layer import Conv2d, Linear
 
 
 def sara_layer(base: nn.Module, threshold: float = 0.1, init_weights: bool = False, **config) -> nn.Module:
@@ -34,28 +34,6 @@ def dense_reference(layer, x: torch.Tensor, grad_output: torch.Tensor):
         output = base._conv_forward(x, effective, base.bias)
     output.backward(grad_output)
     return output.detach(), x.grad, weight.grad.view(-1)[indices]
-
-
-def test_selection_is_exactly_the_small_entries_in_fp32():
-    weight = torch.tensor([[0.5, -0.01, 0.02], [-0.03, 0.0, 0.2]])
-    assert select_entries(weight, 0.025).tolist() == [1, 2, 4]
-    # the comparison is made in fp32, so an fp16 weight selects what its fp32 value selects
-    half = torch.tensor([0.0999755859375, 0.10009765625], dtype=torch.float16)
-    assert select_entries(half, 0.1).tolist() == [0]
-    assert select_entries(weight, 0.025).dtype == torch.int32
-
-
-def test_largest_and_random_selections_train_as_many_entries_as_the_smallest():
-    weight = torch.tensor([[0.5, -0.01, 0.02], [-0.03, 0.0, -0.2]])
-    assert select_entries(weight, 0.025, "largest").tolist() == [0, 3, 5]
-    big = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
-    smallest = select_entries(big, 0.1)
-    torch.manual_seed(1)
-    random = select_entries(big, 0.1, "random")
-    assert random.numel() == smallest.numel() and random.dtype == torch.int32
-    assert bool((random[1:] > random[:-1]).all()) and not torch.equal(random, smallest)
-    torch.manual_seed(1)
-    assert torch.equal(select_entries(big, 0.1, "random"), random)  # torch's global RNG decides
 
 
 def test_trainable_count_equals_small_entries():
@@ -93,22 +71,6 @@ def test_sparse_backward_matches_dense_autograd(base):
     torch.testing.assert_close(x.grad, expected_x_grad)
     torch.testing.assert_close(layer.sara_values["default"].grad, expected_values_grad)
     assert base.weight.grad is None
-
-
-def test_gradcheck_in_double_precision():
-    from peft_sara.layer import _Conv2dOp, _SparseWeightOp
-
-    base = nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
-    layer = sara_layer(base, threshold=0.2)
-    op = _Conv2dOp(base.stride, base.padding, base.dilation, base.groups)
-    indices = layer.sara_indices["default"]
-
-    def sparse_conv(x, values):
-        return _SparseWeightOp.apply(x, base.weight, base.bias, op, torch.double, (0.5,), False, indices, values)
-
-    x = torch.randn(1, 2, 5, 5, dtype=torch.double, requires_grad=True)
-    values = torch.randn(indices.numel(), dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(sparse_conv, (x, values))
 
 
 def test_bias_entries_train_sparsely():
@@ -250,12 +212,10 @@ def test_base_weight_is_restored_when_the_op_fails():
     base = nn.Linear(8, 4)
     original = base.weight.detach().clone()
     layer = sara_layer(base, threshold=0.2)
-    with torch.no_grad(), pytest.raises(RuntimeError):
-        layer(torch.randn(3, 7))  # wrong input width
-    assert torch.equal(base.weight, original)
-    with pytest.raises(RuntimeError):
-        layer(torch.randn(3, 7))  # while training: the fold stays, and the base reads back exactly
-    assert torch.equal(layer.get_base_layer().weight, original)
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode), pytest.raises(RuntimeError):
+            layer(torch.randn(3, 7))  # wrong input width
+        assert torch.equal(base.weight, original)
 
 
 def test_every_layer_exposes_in_and_out_features():
@@ -264,136 +224,6 @@ def test_every_layer_exposes_in_and_out_features():
     assert isinstance(conv, Conv2d) and (conv.in_features, conv.out_features) == (3, 8)
     assert (conv.in_channels, conv.out_channels) == (3, 8)
     assert isinstance(linear, Linear) and (linear.in_features, linear.out_features) == (8, 5)
-
-
-# While an adapter trains, its update stays folded into the base weight (SaRALayer._hold_fold). Everything a user
-# sees must be bit-identical to the unfolded path: the model below is trained and then operated on twice, with folding
-# allowed and with it refused.
-
-
-def _trained_pair(steps: int = 3, dtype: torch.dtype = torch.float32, autocast: bool = False):
-    """Two identical models trained identically, the first with folding allowed, the second without."""
-    import peft_sara
-
-    pair = []
-    for fold_allowed in (True, False):
-        torch.manual_seed(0)
-        base = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 40), nn.GELU(), nn.Linear(40, 24)
-        )
-        config = SaRAConfig(
-            threshold=0.05, include_bias=True, lambda_rank=5e-3, rank_min_dim=4, progressive_step=2, init_weights=False
-        )
-        model = get_peft_model(base.to(dtype), config)
-        for module in model.modules():
-            if hasattr(module, "_fold_allowed"):
-                module._fold_allowed = fold_allowed
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        peft_sara.attach(model, optimizer)
-        pair.append((model, optimizer))
-    torch.manual_seed(1)
-    inputs = [torch.randn(2, 3, 6, 6, dtype=dtype) for _ in range(steps)]
-    for x in inputs:
-        results = []
-        for model, optimizer in pair:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                output = model(x)
-            output.float().square().mean().backward()
-            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-            optimizer.step()
-            optimizer.zero_grad()
-            results.append((output, grads))
-        (output, grads), (reference_output, reference_grads) = results
-        assert torch.equal(output, reference_output)
-        assert all(torch.equal(a, b) for a, b in zip(grads, reference_grads))
-    return pair[0][0], pair[1][0]
-
-
-def _sara_layers(model: nn.Module) -> list[nn.Module]:
-    return [module for module in model.modules() if isinstance(module, (Linear, Conv2d))]
-
-
-def _raw_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Every parameter and buffer as stored (state_dict would unfold first)."""
-    return [tensor.detach() for tensor in [*model.parameters(), *model.buffers()]]
-
-
-@pytest.mark.parametrize(
-    "dtype, autocast",
-    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
-    ids=["fp32", "bf16", "autocast"],
-)
-def test_training_with_the_fold_is_bit_identical_to_the_unfolded_path(dtype, autocast):
-    folded, reference = _trained_pair(steps=4, dtype=dtype, autocast=autocast)
-    assert all(layer._sara_fold is not None for layer in _sara_layers(folded))
-    assert all(layer._sara_fold is None for layer in _sara_layers(reference))
-    assert not any(torch.equal(a, b) for a, b in zip(_raw_tensors(folded)[:1], _raw_tensors(reference)[:1]))
-    for layer, reference_layer in zip(_sara_layers(folded), _sara_layers(reference)):
-        assert torch.equal(layer.get_base_layer().weight, reference_layer.get_base_layer().weight)
-    assert all(layer._sara_fold is None for layer in _sara_layers(folded))
-
-
-def _second_adapter(model):
-    model.add_adapter("other", SaRAConfig(threshold=0.03))
-    model.set_adapter("other")
-    return model
-
-
-def _delete_first(model):
-    _second_adapter(model)
-    model.delete_adapter("default")
-    return model
-
-
-def _rescale(model):
-    for layer in _sara_layers(model):
-        layer.set_scale("default", 0.5)
-    return model
-
-
-def _save_and_reload(model, tmp_path):
-    from peft import PeftModel
-
-    model.save_pretrained(tmp_path / "adapter")
-    return PeftModel.from_pretrained(model.unload(), tmp_path / "adapter", is_trainable=True)
-
-
-OPERATIONS = {
-    "merge_and_unload": lambda model, tmp_path: model.merge_and_unload(),
-    "merge_then_unmerge": lambda model, tmp_path: (model.merge_adapter(), model.unmerge_adapter(), model)[-1],
-    "unload": lambda model, tmp_path: model.unload(),
-    "second_adapter": lambda model, tmp_path: _second_adapter(model),
-    "delete_adapter": lambda model, tmp_path: _delete_first(model),
-    "scale": lambda model, tmp_path: _rescale(model),
-    "cast": lambda model, tmp_path: model.to(torch.float64),
-    "eval": lambda model, tmp_path: model.eval(),
-    "deepcopy": lambda model, tmp_path: __import__("copy").deepcopy(model),
-    "save_and_reload": _save_and_reload,
-}
-
-
-@pytest.mark.parametrize("operation", OPERATIONS)
-def test_every_operation_sees_the_base_as_if_nothing_was_folded(operation, tmp_path):
-    folded, reference = _trained_pair()
-    folded = OPERATIONS[operation](folded, tmp_path / "folded")
-    reference = OPERATIONS[operation](reference, tmp_path / "reference")
-    if operation != "deepcopy":  # a copy keeps the fold, with what undoes it
-        assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference), strict=True))
-    x = torch.randn(2, 3, 6, 6, dtype=next(reference.parameters()).dtype)
-    assert torch.equal(folded(x), reference(x))  # a training forward: folded again where an adapter trains
-    with torch.no_grad():
-        assert torch.equal(folded(x), reference(x))  # inference unfolds
-    assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference), strict=True))
-
-
-def test_state_dict_and_disabled_adapter_see_the_base():
-    folded, reference = _trained_pair()
-    assert all(torch.equal(a, b) for a, b in zip(folded.state_dict().values(), reference.state_dict().values()))
-    folded(torch.randn(2, 3, 6, 6))  # fold again
-    x = torch.randn(2, 3, 6, 6)
-    with folded.disable_adapter(), reference.disable_adapter():
-        assert torch.equal(folded(x), reference(x))
-        assert all(torch.equal(a, b) for a, b in zip(_raw_tensors(folded), _raw_tensors(reference)))
 
 
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
@@ -419,3 +249,259 @@ def test_accelerate_offload_hooks_load_what_the_sparse_op_reads(tmp_path, offloa
         assert torch.equal(model(x), expected)
         assert torch.equal(model(x), expected)
     assert layer.get_base_layer().weight.device.type == "meta" and layer.sara_values["default"].device.type == "meta"
+
+
+# How users drive a model while it trains (diffusers' scripts, Diffusion-DPO, LoRA-style scales), each against a run
+# without the extra step or against plain autograd on the dense effective weight (`plain_sara_forward`).
+
+
+def _plain_sparse_forward(self, x, op, adapter_names):
+    """The reference: op(x, W + Σ scale · scatter(values)) with the effective weight built by autograd."""
+    base = self.get_base_layer()
+    weight = base.weight.detach().reshape(-1)
+    for name in adapter_names:
+        indices = self.sara_indices[name].long()
+        weight = weight.index_add(0, indices, self.sara_values[name].to(weight.dtype), alpha=self.sara_scaling[name])
+    bias = self._effective_bias(base.bias, adapter_names)
+    return op.forward(x, weight.view_as(base.weight), bias)
+
+
+@pytest.fixture
+def plain_sara_forward(monkeypatch):
+    """Switch every SaRA layer to the plain-autograd reference inside a `with`."""
+    from contextlib import contextmanager
+
+    from peft_sara.layer import _SaRAModule
+
+    @contextmanager
+    def switched():
+        with monkeypatch.context() as patch:
+            patch.setattr(_SaRAModule, "_sparse_forward", _plain_sparse_forward)
+            yield
+
+    return switched
+
+
+def _unet_model(seed: int = 0):
+    from conftest import tiny_unet
+
+    model = get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02, init_weights=False, include_bias=True))
+    torch.manual_seed(seed)
+    return model
+
+
+def _base_tensors(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "sara_" not in name}
+
+
+def _values_grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for name, p in model.named_parameters() if "sara_" in name]
+
+
+def _assert_all_close(actual: list[torch.Tensor], expected: list[torch.Tensor], **tolerance) -> None:
+    assert len(actual) == len(expected) > 0
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+def _train(model, steps: int, between_steps=None) -> list[torch.Tensor]:
+    from conftest import unet_inputs
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    outputs = []
+    for step in range(steps):
+        output = model(**unet_inputs(model, seed=step)).sample
+        output.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs.append(output.detach())
+        if between_steps is not None:
+            between_steps(model, step)
+    return outputs
+
+
+def test_ema_store_copy_to_and_restore_leave_training_as_it_was():
+    """diffusers' scripts: EMA over model.parameters(), validation with the EMA weights, then restore."""
+    from conftest import unet_inputs
+    from diffusers.training_utils import EMAModel
+
+    reference = _unet_model()
+    base = _base_tensors(reference)
+    expected = _train(reference, steps=4)
+    model = _unet_model()
+    ema = EMAModel(model.parameters())
+
+    def validate_with_ema(model, step):
+        ema.step(model.parameters())
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        with torch.no_grad():
+            model(**unet_inputs(model, seed=9))
+        ema.restore(model.parameters())
+
+    outputs = _train(model, steps=4, between_steps=validate_with_ema)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    assert all(torch.equal(tensor, base[name]) for name, tensor in _base_tensors(model).items())
+
+
+def _reference_pass_with_the_adapter_disabled(model, inputs):
+    with torch.no_grad(), model.disable_adapter():  # Diffusion-DPO's reference model
+        model(**inputs)
+
+
+INTERLEAVED = {
+    "disable_adapter_forward": _reference_pass_with_the_adapter_disabled,
+    "no_grad_forward": lambda model, inputs: torch.no_grad()(model)(**inputs),
+    "state_dict": lambda model, inputs: model.state_dict(),
+    "eval_then_train": lambda model, inputs: (model.eval(), model.train()),
+    "cast_to_the_same_dtype": lambda model, inputs: model.to(torch.float32),
+}
+
+
+@pytest.mark.parametrize("between", INTERLEAVED)
+def test_what_runs_between_forward_and_backward_leaves_the_gradients_alone(between, plain_sara_forward):
+    from conftest import unet_inputs
+
+    model = _unet_model()
+    base = _base_tensors(model)
+    inputs = unet_inputs(model)
+    output = model(**inputs).sample
+    INTERLEAVED[between](model, unet_inputs(model, seed=7))
+    output.square().mean().backward()
+    grads = _values_grads(model)
+    model.zero_grad()
+    with plain_sara_forward():
+        expected = model(**inputs).sample
+    expected.square().mean().backward()
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
+    _assert_all_close(grads, _values_grads(model), rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(tensor, base[name]) for name, tensor in _base_tensors(model).items())
+
+
+def test_a_training_forward_with_a_lora_scale_gets_the_scaled_gradients(plain_sara_forward):
+    """diffusers unscales every adapter layer at the end of the UNet's forward, before backward runs."""
+    from conftest import unet_inputs
+
+    model = _unet_model()
+    inputs = {**unet_inputs(model), "cross_attention_kwargs": {"scale": 0.5}}
+    output = model(**inputs).sample
+    output.square().mean().backward()
+    grads = _values_grads(model)
+    model.zero_grad()
+    layers = _sara_layers(model)
+    with plain_sara_forward():
+        for layer in layers:
+            layer.set_scale("default", 0.5)
+        expected = model(**{**inputs, "cross_attention_kwargs": None}).sample
+        expected.square().mean().backward()
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-6)
+    _assert_all_close(grads, _values_grads(model), rtol=1e-5, atol=1e-7)
+    unscaled = _unet_model()
+    unscaled(**unet_inputs(unscaled)).sample.square().mean().backward()
+    assert not torch.allclose(grads[0], _values_grads(unscaled)[0])
+
+
+def _sara_layers(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if isinstance(module, (Linear, Conv2d))]
+
+
+def test_parameters_show_the_pretrained_base_while_training():
+    from conftest import unet_inputs
+
+    model = _unet_model()
+    base = _base_tensors(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        output = model(**unet_inputs(model, seed=step)).sample
+        assert all(torch.equal(tensor, base[name]) for name, tensor in _base_tensors(model).items())
+        assert all(
+            torch.equal(layer.base_layer.weight, layer.get_base_layer().weight) for layer in _sara_layers(model)
+        )
+        output.square().mean().backward()
+        optimizer.step()
+        assert all(torch.equal(tensor, base[name]) for name, tensor in _base_tensors(model).items())
+
+
+# Stacking with LoRA: whichever comes first, the layer computes base + LoRA's update + SaRA's update.
+
+
+def _lora_and_sara(lora_first: bool):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16, 6)).requires_grad_(False)
+    base = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+    sara = SaRAConfig(threshold=0.1, init_weights=False, include_bias=True, target_modules=["0", "2"])
+    for config, name in [(lora, "lora"), (sara, "sara")][:: 1 if lora_first else -1]:
+        torch.manual_seed(1)
+        inject_adapter_in_model(config, model, adapter_name=name)
+    for module in model.modules():
+        if hasattr(module, "set_adapter") and hasattr(module, "active_adapters"):
+            module.set_adapter(["lora", "sara"])
+    return model, base
+
+
+def _expected_weights(model, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base plus each adapter's dense update, from the adapters' own get_delta_weight."""
+    from peft.tuners.lora import LoraLayer
+
+    from peft_sara import SaRALayer
+
+    weights = {}
+    for index in ("0", "2"):
+        layer = model.get_submodule(index)
+        lora = next(m for m in layer.modules() if isinstance(m, LoraLayer))
+        sara = next(m for m in layer.modules() if isinstance(m, SaRALayer))
+        weight = base[f"{index}.weight"] + lora.get_delta_weight("lora") + sara.get_delta_weight("sara")
+        bias = base[f"{index}.bias"].index_add(
+            0, sara.sara_bias_indices["sara"], sara.sara_bias_values["sara"].detach()
+        )
+        weights[index] = (weight, bias)
+    return weights
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-sara", "sara-then-lora"])
+def test_sara_and_lora_stack_in_either_order(lora_first):
+    model, base = _lora_and_sara(lora_first)
+    weights = _expected_weights(model, base)
+    x = torch.randn(2, 3, 4, 4)
+    (conv_weight, conv_bias), (linear_weight, linear_bias) = weights["0"], weights["2"]
+    expected = F.linear(F.conv2d(x, conv_weight, conv_bias, padding=1).flatten(1), linear_weight, linear_bias)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    output = model(x)
+    output.square().sum().backward()
+    sara_layers = [m for m in model.modules() if isinstance(m, (Linear, Conv2d))]
+    assert len(sara_layers) == 2 and all(m.sara_values["sara"].grad.abs().sum() > 0 for m in sara_layers)
+    lora_params = [p for name, p in model.named_parameters() if "lora_" in name]
+    assert lora_params and all(p.grad is not None for p in lora_params)
+    assert all(torch.equal(tensor, base[name]) for name, tensor in _innermost_state(model).items())
+
+
+def _innermost_state(model) -> dict[str, torch.Tensor]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {
+        f"{index}.{tensor_name}": getattr(model.get_submodule(index).get_base_layer(), tensor_name)
+        for index in ("0", "2")
+        for tensor_name in ("weight", "bias")
+        if isinstance(model.get_submodule(index), BaseTunerLayer)
+    }
+
+
+def test_sara_over_lora_trains_as_plain_autograd():
+    """The gradient of SaRA's values on top of a LoRA layer is the dense weight gradient at the positions."""
+    model, base = _lora_and_sara(lora_first=True)
+    x = torch.randn(2, 3, 4, 4)
+    weights = _expected_weights(model, base)
+    model(x).square().sum().backward()
+    sara_layers = [m for m in model.modules() if isinstance(m, (Linear, Conv2d))]
+    for index in ("0", "2"):
+        weights[index] = (weights[index][0].detach().requires_grad_(True), weights[index][1])
+    (conv_weight, conv_bias), (linear_weight, linear_bias) = weights["0"], weights["2"]
+    F.linear(
+        F.conv2d(x, conv_weight, conv_bias, padding=1).flatten(1), linear_weight, linear_bias
+    ).square().sum().backward()
+    for index, layer in zip(("0", "2"), sara_layers):
+        expected = weights[index][0].grad.reshape(-1)[layer.sara_indices["sara"].long()]
+        torch.testing.assert_close(layer.sara_values["sara"].grad, expected, rtol=1e-5, atol=1e-5)

@@ -33,8 +33,7 @@ def test_loads_unet_and_text_encoder_from_an_output_folder(trained_output):
     assert any(isinstance(m, SaRALayer) for m in pipeline.text_encoder.modules())
     assert not any(p.requires_grad for p in pipeline.unet.parameters())
     np.testing.assert_array_equal(generate(pipeline), expected)
-    pipeline.unet.disable_adapters()
-    pipeline.text_encoder.disable_adapters()
+    pipeline.disable_lora()  # diffusers' switch for every adapter of the pipeline, SaRA's included
     np.testing.assert_array_equal(generate(pipeline), base_images)
 
 
@@ -205,11 +204,12 @@ def test_a_config_field_of_the_wrong_kind_gets_one_clear_error(trained_output, t
 def test_an_output_folder_mixing_two_saves_is_refused(tmp_path):
     import shutil
 
+    from peft_sara.script_utils.models import add_sara_adapter
     from peft_sara.script_utils.output import save_adapters
 
     trained = tiny_pipeline()
     for component in (trained.unet, trained.text_encoder):
-        component.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+        add_sara_adapter(component, SaRAConfig(threshold=0.02, init_weights=False), "component")
     components = {"unet": trained.unet, "text_encoder": trained.text_encoder}
     save_adapters(str(tmp_path / "first"), components)
     save_adapters(str(tmp_path / "second"), components)
@@ -352,3 +352,47 @@ def test_token_embeddings_of_another_save_or_missing_are_refused(tmp_path):
         load_sara_weights(pipeline, str(tmp_path / "out"))
     assert not any(isinstance(module, SaRALayer) for module in pipeline.unet.modules())
     assert "<s0>" not in pipeline.tokenizer.get_vocab()
+
+
+def _saved_lora(folder) -> str:
+    """A diffusers LoRA file for the tiny UNet, attention and resnet convolutions included."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet = tiny_pipeline().unet
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, target_modules=["to_q", "to_v", "conv1", "conv2"], init_lora_weights=False)
+    unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers, safe_serialization=True)
+    return str(folder)
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora-then-sara", "sara-then-lora"])
+def test_sara_and_a_lora_stack_in_a_pipeline(trained_output, tmp_path, lora_first):
+    """Both adapters active compute what both fused compute, whichever was loaded first."""
+    output_dir, _ = trained_output
+    lora = _saved_lora(tmp_path / "lora")
+    pipeline = tiny_pipeline()
+    base_images = generate(pipeline)
+    loads = [
+        lambda: pipeline.load_lora_weights(lora, adapter_name="lora"),
+        lambda: load_sara_weights(pipeline, str(output_dir), adapter_name="sara"),
+    ]
+    for load in loads if lora_first else loads[::-1]:
+        load()
+    pipeline.set_adapters(["lora", "sara"])
+    stacked = generate(pipeline)
+    pipeline.set_adapters(["lora"])
+    lora_only = generate(pipeline)
+    pipeline.set_adapters(["sara"])
+    sara_only = generate(pipeline)
+    pipeline.set_adapters(["lora", "sara"])
+    pipeline.fuse_lora(adapter_names=["lora", "sara"])
+    pipeline.set_adapters(["lora", "sara"])
+    np.testing.assert_allclose(stacked, generate(pipeline), atol=2e-5)
+    assert np.abs(stacked - lora_only).max() > 1e-3 and np.abs(stacked - sara_only).max() > 1e-3
+    pipeline.unfuse_lora()
+    pipeline.disable_lora()
+    np.testing.assert_allclose(generate(pipeline), base_images, atol=2e-5)

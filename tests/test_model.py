@@ -688,7 +688,7 @@ def test_two_active_adapters_of_different_value_dtypes_compute_and_train_togethe
         assert layer.sara_values["first"].grad.dtype == torch.float32
         assert layer.sara_values["second"].grad.dtype == torch.bfloat16
         assert layer.sara_values["second"].grad.abs().sum() > 0
-        assert layer._sara_fold is None and torch.equal(layer.get_base_layer().weight, base)
+        assert torch.equal(layer.get_base_layer().weight, base)
 
 
 def test_diffusers_layerwise_casting_keeps_sara_values_and_computes_in_the_compute_dtype():
@@ -756,8 +756,8 @@ def test_inject_adapter_in_model_and_modules_to_save(mlp, mlp_input):
 
 def test_torch_compile_trains_as_eager(mlp_input):
     """A compiled model (inductor) trains bit for bit as the eager one through optimizer steps and infers the same
-    afterwards: the SaRA layers run eagerly (traced, the training fold's refresh was baked into the graph, and
-    inductor mis-compiled the per-op path's in-place write and restore), the base weights stay untouched."""
+    afterwards: the SaRA layers run eagerly (inductor mis-compiled the sparse op's in-place write and restore), the
+    base weights stay untouched."""
 
     def outputs_and_values(compile_model: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
@@ -782,3 +782,20 @@ def test_torch_compile_trains_as_eager(mlp_input):
     assert all(torch.equal(compiled, eager) for compiled, eager in zip(compiled_outputs, eager_outputs))
     assert eager_values.keys() == compiled_values.keys()
     assert all(torch.equal(compiled_values[name], values) for name, values in eager_values.items())
+
+
+def test_peft_model_loads_a_folder_saved_from_a_model_with_an_added_adapter(tmp_path):
+    """Keys saved from `unet.add_adapter(...)` lack PeftModel's `base_model.model.` prefix; they load all the same."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = tiny_unet()
+    unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+    state_dict = get_peft_model_state_dict(unet)
+    assert not any(key.startswith("base_model.model.") for key in state_dict)
+    save_file(state_dict, str(tmp_path / "adapter_model.safetensors"))
+    unet.peft_config["default"].save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_unet(), str(tmp_path))
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, unet(**inputs).sample)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from conftest import tiny_unet
 from test_checkpoints import SETTINGS
@@ -61,3 +62,26 @@ def test_sdxl_base_loads_two_text_encoders_and_keeps_the_vae_in_fp32(tiny_sdxl_p
     assert vae.dtype == torch.float32, "SDXL's VAE overflows in half precision"
     with pytest.raises(UserInputError, match="Could not load the VAE"):
         load_sdxl_base_models(str(tiny_sdxl_pipeline_dir), None, None, None, vae_path=str(tmp_path / "none"))
+
+
+def test_a_text_encoder_takes_the_adapter_whatever_peft_transformers_asks_for(monkeypatch):
+    """transformers' own add_adapter refuses any peft older than its MIN_PEFT_VERSION (5.24: a 0.22 not yet released);
+    the scripts add SaRA to a text encoder through PEFT's API instead, and diffusers' adapter functions see it."""
+    import transformers.integrations.peft as transformers_peft
+    from conftest import tiny_clip_text_model
+    from diffusers.utils.peft_utils import set_adapter_layers
+
+    from peft_sara import SaRAConfig, SaRALayer
+    from peft_sara.script_utils.models import add_sara_adapter
+
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")
+    text_encoder = tiny_clip_text_model()
+    with pytest.raises(ValueError, match="99.0"):
+        text_encoder.add_adapter(SaRAConfig(threshold=0.02))
+    add_sara_adapter(text_encoder, SaRAConfig(threshold=0.02, init_weights=False), "text encoder")
+    layers = [module for module in text_encoder.modules() if isinstance(module, SaRALayer)]
+    assert layers and text_encoder._hf_peft_config_loaded and "default" in text_encoder.peft_config
+    ids = torch.tensor([[1, 2, 3]])
+    adapted = text_encoder(ids).last_hidden_state
+    set_adapter_layers(text_encoder, enabled=False)
+    assert not torch.allclose(adapted, text_encoder(ids).last_hidden_state)

@@ -37,6 +37,24 @@ def test_prompts_that_would_not_train_or_show_the_tokens_are_refused():
         check_pivotal_prompts(new_tokens, "a TOK dog", None)
     with pytest.raises(UserInputError, match="--validation_prompt 'a dog' contains no token abstraction"):
         check_pivotal_prompts(new_tokens, "a TOK dog, STYLE", "a dog")
+    with pytest.raises(UserInputError, match="--validation_prompt 'TOKYO at night' contains no token abstraction"):
+        check_pivotal_prompts(new_tokens, "a TOK dog, STYLE", "TOKYO at night")
+    with pytest.raises(UserInputError, match="--instance_prompt 'a TOK dog, STYLEs' does not contain .* 'STYLE'"):
+        check_pivotal_prompts(new_tokens, "a TOK dog, STYLEs", None)
+
+
+def test_an_abstraction_in_the_class_prompt_is_refused():
+    """With prior preservation the class images would train the new tokens: instance training in disguise."""
+    new_tokens = new_tokens_by_abstraction("dog", 1)
+    check_pivotal_prompts(new_tokens, "a photo of dog", None, class_prompt="a photo of a puppy, doggy style")
+    with pytest.raises(UserInputError, match="--class_prompt 'a photo of a dog' contains the token abstraction 'dog'"):
+        check_pivotal_prompts(new_tokens, "a photo of dog", None, class_prompt="a photo of a dog")
+
+
+def test_abstractions_are_replaced_as_whole_words_only():
+    new_tokens = new_tokens_by_abstraction("TOK", 2)
+    assert insert_new_tokens("TOKYO at night, MY_TOK, TOK2", new_tokens) == "TOKYO at night, MY_TOK, TOK2"
+    assert insert_new_tokens("TOK's bowl, (TOK), TOK-like", new_tokens) == "<s0><s1>'s bowl, (<s0><s1>), <s0><s1>-like"
 
 
 def second_text_encoder():
@@ -108,7 +126,7 @@ def test_the_gradient_reaches_the_new_rows_only():
     pipeline = tiny_pipeline()
     new_tokens = NewTokenEmbeddings([(pipeline.tokenizer, pipeline.text_encoder)], ["<s0>"])
     ids = pipeline.tokenizer("a <s0> dog", return_tensors="pt").input_ids
-    pipeline.text_encoder(ids)[0].sum().backward()
+    pipeline.text_encoder(ids)[0].square().sum().backward()  # a plain sum of a layer norm's output has no gradient
     grad = new_tokens.parameters[0].grad
     new_id = pipeline.tokenizer.convert_tokens_to_ids("<s0>")
     assert grad[new_id].abs().sum() > 0

@@ -81,8 +81,7 @@ def test_trains_both_text_encoders_and_loads_into_an_sdxl_pipeline(sdxl_args, ti
     assert peft_sara.load_sara_weights(pipeline, str(output)) == ["unet", "text_encoder", "text_encoder_2"]
     after = generate(pipeline, "a photo of sks dog")
     assert np.abs(after - before).max() > 1e-3, "the adapters change the SDXL pipeline's images"
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        getattr(pipeline, name).disable_adapters()
+    pipeline.disable_lora()
     np.testing.assert_allclose(generate(pipeline, "a photo of sks dog"), before, atol=1e-5)
 
 

@@ -166,7 +166,8 @@ def check_pivotal_arguments(args: argparse.Namespace) -> dict[str, list[str]] | 
             "tokens' embeddings), not both, as in diffusers' advanced DreamBooth scripts."
         )
     new_tokens = new_tokens_by_abstraction(args.token_abstraction, args.num_new_tokens_per_abstraction)
-    check_pivotal_prompts(new_tokens, args.instance_prompt or "", args.validation_prompt)
+    class_prompt = args.class_prompt if args.with_prior_preservation else None  # else it samples nothing
+    check_pivotal_prompts(new_tokens, args.instance_prompt or "", args.validation_prompt, class_prompt)
     return new_tokens
 
 

@@ -155,9 +155,22 @@ def sara_configs(settings: dict[str, Any]) -> tuple[SaRAConfig, SaRAConfig]:
 
 
 def add_sara_adapter(model: torch.nn.Module, config: SaRAConfig, what: str) -> None:
-    """Add the adapter in place (the model keeps its class), refusing a threshold that selects nothing."""
+    """Add the adapter in place (the model keeps its class), refusing a threshold that selects nothing.
+
+    A diffusers model takes it through its own `add_adapter`. Any other model (the text encoders) takes it through
+    PEFT's `inject_adapter_in_model`, flagged as transformers' `add_adapter` flags it (diffusers' adapter functions and
+    transformers' gradient checkpointing read the flag): that wrapper adds nothing else, and refuses to run unless a
+    peft release of its choosing is installed (transformers 5.24 asks for a peft 0.22 that does not exist yet).
+    """
+    from diffusers import ModelMixin
+    from peft import inject_adapter_in_model
+
     try:
-        model.add_adapter(config)
+        if isinstance(model, ModelMixin):
+            model.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, model)
+            model._hf_peft_config_loaded = True
     except ValueError as error:
         raise UserInputError(f"SaRA on the {what}: {error}") from error
 

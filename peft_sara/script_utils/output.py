@@ -149,7 +149,8 @@ def export_run_as_lora(output_dir: str, rank: int | float) -> None:
     """--export_lora_rank: the adapters just saved, as a LoRA in output_dir/lora/ for `pipe.load_lora_weights`."""
     from ..export import export_lora
 
-    result = export_lora(output_dir, Path(output_dir) / LORA_EXPORT_DIR, rank=rank)
+    # the run's own subfolder, replaced by each final save of the run
+    result = export_lora(output_dir, Path(output_dir) / LORA_EXPORT_DIR, rank=rank, overwrite=True)
     get_logger(__name__).info("%s", result)
 
 

@@ -40,31 +40,44 @@ def new_tokens_by_abstraction(token_abstraction: str, num_new_tokens_per_abstrac
     }
 
 
+def _whole_words(abstractions) -> re.Pattern:
+    """The abstractions as whole words: "TOK" in "a TOK dog" or "TOK's", not in "TOKYO" or "MY_TOK"."""
+    alternatives = "|".join(re.escape(abstraction) for abstraction in sorted(abstractions, key=len, reverse=True))
+    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)")
+
+
 def insert_new_tokens(prompt: str | None, new_tokens: dict[str, list[str]]) -> str | None:
-    """The prompt with each abstraction replaced by its tokens ("a TOK dog" -> "a <s0><s1> dog"). Longer abstractions
-    are replaced first, so that "TOK2" is not read as "TOK" followed by "2"."""
+    """The prompt with each abstraction, as a whole word, replaced by its tokens ("a TOK dog" -> "a <s0><s1> dog";
+    "TOKYO" stays as it is)."""
     if prompt is None:
         return None
-    pattern = "|".join(re.escape(abstraction) for abstraction in sorted(new_tokens, key=len, reverse=True))
-    return re.sub(pattern, lambda match: "".join(new_tokens[match.group(0)]), prompt)
+    return _whole_words(new_tokens).sub(lambda match: "".join(new_tokens[match.group(0)]), prompt)
 
 
 def check_pivotal_prompts(
-    new_tokens: dict[str, list[str]], instance_prompt: str, validation_prompt: str | None
+    new_tokens: dict[str, list[str]],
+    instance_prompt: str,
+    validation_prompt: str | None,
+    class_prompt: str | None = None,
 ) -> None:
-    """Refuse prompts that would train or show nothing of the new tokens: every abstraction must occur in the
-    instance prompt (a token that no training prompt holds never trains), and the validation prompt must hold one.
-
-    The class prompt needs none: prior preservation samples the class without the subject; an abstraction in it is
-    replaced all the same."""
-    missing = [abstraction for abstraction in new_tokens if abstraction not in instance_prompt]
+    """Refuse prompts that would train or show nothing of the new tokens: every abstraction must occur (as a whole
+    word) in the instance prompt (a token that no training prompt holds never trains), and the validation prompt must
+    hold one. The class prompt must hold none: prior preservation samples the class without the subject, and an
+    abstraction there would train the new tokens on the class images."""
+    missing = [abstraction for abstraction in new_tokens if not _whole_words([abstraction]).search(instance_prompt)]
     if missing:
         raise UserInputError(
             f"--instance_prompt {instance_prompt!r} does not contain the token abstraction {missing[0]!r}: with "
             f'--train_text_encoder_ti write it where the subject is named, e.g. "a photo of {missing[0]} dog" '
             "(or set --token_abstraction)."
         )
-    if validation_prompt is not None and not any(abstraction in validation_prompt for abstraction in new_tokens):
+    if class_prompt is not None and (found := _whole_words(new_tokens).search(class_prompt)):
+        raise UserInputError(
+            f"--class_prompt {class_prompt!r} contains the token abstraction {found.group(0)!r}: prior preservation "
+            'would train the new tokens on the class images; name the class alone there, e.g. "a photo of a dog" '
+            "(or set --token_abstraction to a word the class prompt does not use)."
+        )
+    if validation_prompt is not None and not _whole_words(new_tokens).search(validation_prompt):
         raise UserInputError(
             f"--validation_prompt {validation_prompt!r} contains no token abstraction ({', '.join(new_tokens)}): "
             "its images would not show the trained subject; write it in, e.g. "
