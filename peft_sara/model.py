@@ -23,10 +23,13 @@ SPARSE_UPDATES = (
 # Saved with each layer's update: the shape of the tensor it updates, so that an adapter describes itself and cannot
 # load onto a base whose layer of the same name has another shape (adapters saved before these keys still load).
 SHAPE_ATTRS = {"weight": "sara_shape", "bias": "sara_bias_shape"}
-# The third form of saved positions, beside int32 positions and the bitmask: the gaps between consecutive positions
-# as uint16 (the first gap is the first position), 2 bytes a position where no gap exceeds 65535.
+# The third form of saved positions, beside int32 positions and the bitmask: the steps from one position to the next
+# as uint16 (the first from -1), 2 bytes a position at any density; a step of 0 stands for MAX_STEP entries skipped
+# without a position, so that a gap of any length fits (clustered selections in large layers have gaps of millions).
+DELTAS_ATTRS = {"weight": "sara_deltas", "bias": "sara_bias_deltas"}
+MAX_STEP = 2**16 - 1
+# Adapters saved before the steps could skip: uint16 gaps, the first gap being the first position (read only).
 GAPS_ATTRS = {"weight": "sara_gaps", "bias": "sara_bias_gaps"}
-MAX_GAP = 2**16 - 1
 BIT_WEIGHTS = 2 ** torch.arange(8, dtype=torch.uint8)
 
 
@@ -46,13 +49,24 @@ def unpack_positions(mask: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.view(-1).nonzero().squeeze(1).to(index_dtype_for(numel))
 
 
-def gaps_of(positions: torch.Tensor) -> torch.Tensor | None:
-    """Sorted positions as uint16 gaps, or None where a gap does not fit 16 bits."""
-    gaps = torch.diff(positions.long(), prepend=positions.new_zeros(1, dtype=torch.long))
-    return None if gaps.numel() and int(gaps.max()) > MAX_GAP else gaps.to(torch.uint16)
+def deltas_of(positions: torch.Tensor) -> torch.Tensor:
+    """Sorted positions as uint16 steps (see DELTAS_ATTRS): each step d >= 1 is written as (d - 1) // MAX_STEP zeros
+    followed by the remainder, in [1, MAX_STEP]."""
+    steps = torch.diff(positions.long(), prepend=positions.new_full((1,), -1, dtype=torch.long))
+    skips = (steps - 1) // MAX_STEP
+    ends = (skips + 1).cumsum(0) - 1
+    deltas = torch.zeros(int(ends[-1]) + 1 if ends.numel() else 0, dtype=torch.int32, device=positions.device)
+    deltas[ends] = (steps - skips * MAX_STEP).to(torch.int32)
+    return deltas.to(torch.uint16)
 
 
-def positions_of(gaps: torch.Tensor, numel: int) -> torch.Tensor:
+def positions_of_deltas(deltas: torch.Tensor, numel: int) -> torch.Tensor:
+    steps = deltas.to(torch.int64)
+    totals = torch.where(steps == 0, MAX_STEP, steps).cumsum(0)
+    return (totals[steps != 0] - 1).to(index_dtype_for(numel))
+
+
+def positions_of_gaps(gaps: torch.Tensor, numel: int) -> torch.Tensor:
     return gaps.to(torch.int64).cumsum(0).to(index_dtype_for(numel))
 
 
@@ -207,8 +221,8 @@ class SaRAModel(BaseTuner):
         state_dict: dict[str, torch.Tensor],
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
-        """Save each layer's positions in the smallest of three forms (integers, a bitmask, 16-bit gaps), and the shape
-        of the tensor they index."""
+        """Save each layer's positions in the smallest of three forms (integers, a bitmask, 16-bit steps), and the
+        shape of the tensor they index."""
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
@@ -221,14 +235,16 @@ class SaRAModel(BaseTuner):
                 shape_key = f"{module_name}.{SHAPE_ATTRS[tensor_name]}.{adapter_name}"
                 state_dict[shape_key] = torch.tensor(base_tensor.shape, dtype=torch.int64)
                 numel, positions = base_tensor.numel(), state_dict[index_key]
-                gaps = gaps_of(positions)
-                forms = {index_attr: positions.nbytes, mask_attr: math.ceil(numel / 8)}
-                if gaps is not None:
-                    forms[GAPS_ATTRS[tensor_name]] = gaps.nbytes
+                deltas = deltas_of(positions)
+                forms = {
+                    index_attr: positions.nbytes,
+                    mask_attr: math.ceil(numel / 8),
+                    DELTAS_ATTRS[tensor_name]: deltas.nbytes,
+                }
                 smallest = min(forms, key=forms.get)
                 if smallest != index_attr:
                     del state_dict[index_key]
-                    packed = pack_positions(positions, numel) if smallest == mask_attr else gaps
+                    packed = pack_positions(positions, numel) if smallest == mask_attr else deltas
                     state_dict[f"{module_name}.{smallest}.{adapter_name}"] = packed
         return state_dict
 
@@ -297,7 +313,7 @@ class SaRAModel(BaseTuner):
                 value_key = f"{module_name}.{value_attr}.{adapter_name}"
                 extra = {
                     attribute: key
-                    for attribute in (mask_attr, GAPS_ATTRS[tensor_name], SHAPE_ATTRS[tensor_name])
+                    for attribute in (mask_attr, *_packed_forms(tensor_name), SHAPE_ATTRS[tensor_name])
                     if (key := cls._saved_key(state_dict, module_name, attribute, adapter_name)) is not None
                 }
                 expected_keys.update((index_key, value_key, *extra.values()))
@@ -306,7 +322,7 @@ class SaRAModel(BaseTuner):
                     tensors[index_attr] = state_dict[index_key]
                 if (
                     value_key not in state_dict
-                    or not {index_attr, mask_attr, GAPS_ATTRS[tensor_name]} & tensors.keys()
+                    or not {index_attr, mask_attr, *_packed_forms(tensor_name)} & tensors.keys()
                 ):
                     missing.append(f"{module_name} ({tensor_name})")
                     continue
@@ -365,7 +381,7 @@ def check_saved_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
                 "nn.Linear or nn.Conv2d here. Load it onto the base model it was trained on (same architecture and "
                 "module names)."
             )
-        if value_attr not in tensors or not {index_attr, mask_attr, GAPS_ATTRS[tensor_name]} & tensors.keys():
+        if value_attr not in tensors or not {index_attr, mask_attr, *_packed_forms(tensor_name)} & tensors.keys():
             lacking = "values" if value_attr not in tensors else "positions"
             raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
         indices = _saved_positions(name, (index_attr, value_attr, tensor_name, mask_attr), tensors, base_tensor)
@@ -379,7 +395,7 @@ def _saved_tensors(state_dict: dict[str, torch.Tensor]) -> dict[tuple[str, tuple
         module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
         for update in SPARSE_UPDATES:
             index_attr, value_attr, tensor_name, mask_attr = update
-            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], GAPS_ATTRS[tensor_name]):
+            if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], *_packed_forms(tensor_name)):
                 saved.setdefault((module_name, update), {})[attribute] = tensor
     return saved
 
@@ -408,7 +424,7 @@ def read_saved_updates(state_dict: dict[str, torch.Tensor]) -> tuple[list[SavedS
                 f"The SaRA adapter does not record the shape of {name}: it was saved by an older peft-sara. Load it "
                 "onto its base model and save it again."
             )
-        if value_attr not in tensors or not {index_attr, mask_attr, GAPS_ATTRS[tensor_name]} & tensors.keys():
+        if value_attr not in tensors or not {index_attr, mask_attr, *_packed_forms(tensor_name)} & tensors.keys():
             lacking = "values" if value_attr not in tensors else "positions"
             raise ValueError(f"The SaRA adapter's update for {name} has no {lacking}: its file is damaged.")
         shape = tuple(int(size) for size in tensors[SHAPE_ATTRS[tensor_name]].reshape(-1).tolist())
@@ -419,7 +435,7 @@ def read_saved_updates(state_dict: dict[str, torch.Tensor]) -> tuple[list[SavedS
     sparse_attributes = {
         attribute
         for index_attr, value_attr, tensor_name, mask_attr in SPARSE_UPDATES
-        for attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], GAPS_ATTRS[tensor_name])
+        for attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], *_packed_forms(tensor_name))
     }
     others = sorted(key for key in state_dict if key.rpartition(".")[2] not in sparse_attributes)
     return updates, others
@@ -451,14 +467,23 @@ def _saved_positions(
         _check_saved_shape(name, tensors[SHAPE_ATTRS[tensor_name]], base_tensor)
     if mask_attr in tensors:
         return _unpack_saved_mask(name, tensors[mask_attr], base_tensor)
-    gaps = tensors.get(GAPS_ATTRS[tensor_name])
-    if gaps is None:
-        return tensors[index_attr]
-    if gaps.dtype != torch.uint16 or gaps.dim() != 1:
-        raise ValueError(
-            f"The SaRA adapter's position gaps for {name} are not a 1-D uint16 tensor: its file is damaged."
-        )
-    return positions_of(gaps, base_tensor.numel())
+    for attribute, decode in (
+        (DELTAS_ATTRS[tensor_name], positions_of_deltas),
+        (GAPS_ATTRS[tensor_name], positions_of_gaps),
+    ):
+        if attribute in tensors:
+            packed = tensors[attribute]
+            if packed.dtype != torch.uint16 or packed.dim() != 1:
+                raise ValueError(
+                    f"The SaRA adapter's position steps for {name} are not a 1-D uint16 tensor: its file is damaged."
+                )
+            return decode(packed, base_tensor.numel())
+    return tensors[index_attr]
+
+
+def _packed_forms(tensor_name: str) -> tuple[str, str]:
+    """The attributes of the 16-bit forms of a tensor's saved positions: steps, and the gaps of older adapters."""
+    return DELTAS_ATTRS[tensor_name], GAPS_ATTRS[tensor_name]
 
 
 def _check_saved_shape(name: str, shape: torch.Tensor, base_tensor: torch.Tensor) -> None:

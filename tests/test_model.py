@@ -574,7 +574,7 @@ def test_an_adapter_never_loads_onto_a_base_of_other_shapes(tmp_path):
     trained = get_peft_model(tiny_unet(), SaRAConfig(threshold=1e-3, init_weights=False))  # sparse: no bitmask
     trained.save_pretrained(tmp_path / "adapter")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert any(key.endswith(("to_k.sara_indices", "to_k.sara_gaps")) for key in saved), "positions, not a bitmask"
+    assert any(key.endswith(("to_k.sara_indices", "to_k.sara_deltas")) for key in saved), "positions, not a bitmask"
     other = _unet_with_cross_attention_dim(64)
     inputs = unet_inputs(other)
     inputs["encoder_hidden_states"] = torch.randn(2, 4, 64)
@@ -597,10 +597,34 @@ def test_an_adapter_never_loads_onto_a_base_of_other_shapes(tmp_path):
     )
 
 
+def _unet_sized_layers() -> nn.Module:
+    """Layers of SD 1.5's UNet shapes (conv_in, 3x3 resnet convs of each width, a 1x1 shortcut, attention and
+    feed-forward projections, the time embedding) whose rows differ in scale, as trained weights do: under one θ some
+    layers are dense and others nearly empty, and the small entries cluster in some rows, with long runs between."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "conv_in": nn.Conv2d(4, 320, 3, padding=1),
+            "conv_320": nn.Conv2d(320, 320, 3, padding=1),
+            "conv_1280": nn.Conv2d(1280, 1280, 3, padding=1),
+            "shortcut": nn.Conv2d(640, 1280, 1),
+            "to_k": nn.Linear(768, 640),
+            "to_q": nn.Linear(1280, 1280),
+            "proj": nn.Linear(320, 2560),
+            "ff": nn.Linear(1280, 320),
+            "time": nn.Linear(320, 1280),
+        }
+    )
+    with torch.no_grad():
+        for layer in model.values():
+            rows = layer.weight.shape[0]
+            layer.weight.mul_(torch.randn(rows).mul(1.5).exp().view(-1, *[1] * (layer.weight.dim() - 1)))
+    return model
+
+
 @pytest.mark.parametrize("fraction", [0.005, 0.0058, 0.02, 0.058, 0.1])
 def test_adapter_files_are_compact_at_every_density(tmp_path, fraction):
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
+    base = _unet_sized_layers()
     original = {key: tensor.clone() for key, tensor in base.state_dict().items()}
     model = get_peft_model(base, SaRAConfig(target_fraction=fraction, init_weights=False))
     count = sum(param.numel() for name, param in model.named_parameters() if "sara_values" in name)
@@ -609,7 +633,7 @@ def test_adapter_files_are_compact_at_every_density(tmp_path, fraction):
     model.to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")
     assert os.path.getsize(tmp_path / "bf16" / "adapter_model.safetensors") / count <= 4.5
-    fresh = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024))
+    fresh = _unet_sized_layers()
     fresh.load_state_dict(original)
     reloaded = PeftModel.from_pretrained(fresh, tmp_path / "fp32")
     for name, indices in model.named_buffers():
@@ -617,15 +641,64 @@ def test_adapter_files_are_compact_at_every_density(tmp_path, fraction):
             assert torch.equal(reloaded.get_buffer(name).long(), indices.long()), name
 
 
-def test_positions_saved_as_gaps_where_they_are_smallest():
-    from peft_sara.model import gaps_of, positions_of
+def test_a_clustered_selection_still_takes_two_bytes_a_position(tmp_path):
+    """Small entries in a few rows only (dead channels of a trained layer): runs of a million entries between them."""
+    from safetensors import safe_open
 
-    positions = torch.tensor([0, 3, 70_000, 70_001], dtype=torch.int32)
-    assert gaps_of(positions) is None  # a gap of 69,997 does not fit 16 bits
-    positions = torch.tensor([5, 9, 65_540], dtype=torch.int32)
-    gaps = gaps_of(positions)
-    assert gaps.dtype == torch.uint16 and gaps.tolist() == [5, 4, 65_531]
-    assert torch.equal(positions_of(gaps, 100_000), positions)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(1280, 1280))
+    with torch.no_grad():
+        base[0].weight[10:1270].mul_(1000)  # only the first and last ten rows keep entries below θ
+    model = get_peft_model(base, SaRAConfig(threshold=1e-3, init_weights=False))
+    count = model.base_model.model[0].sara_values["default"].numel()
+    assert 0 < count < 0.01 * base[0].weight.numel()
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as saved:
+        positions = {
+            key: saved.get_tensor(key) for key in saved.keys() if "sara_values" not in key and "shape" not in key
+        }
+    assert [key.rsplit(".", 1)[-1] for key in positions] == ["sara_deltas"]
+    assert next(iter(positions.values())).nbytes < 2 * count + 64
+
+
+def test_positions_saved_as_16_bit_steps_fit_gaps_of_any_length():
+    from peft_sara.model import MAX_STEP, deltas_of, positions_of_deltas
+
+    for positions in ([0, 3, 70_000, 70_001], [5, 9, 65_540], [65_535, 65_536, 3 * MAX_STEP + 7, 10**7], [0], []):
+        positions = torch.tensor(positions, dtype=torch.int32)
+        deltas = deltas_of(positions)
+        assert deltas.dtype == torch.uint16
+        assert torch.equal(positions_of_deltas(deltas, 2 * 10**7), positions)
+    assert deltas_of(torch.tensor([5, 9, 65_540])).tolist() == [6, 4, 65_531]
+    assert deltas_of(torch.tensor([0, 70_000])).tolist() == [1, 0, 4_465]  # 70,000 = 65,535 + 4,465
+
+
+def test_adapters_saved_with_the_older_16_bit_gaps_still_load(tmp_path):
+    """Before the steps could skip, positions were saved as uint16 gaps (`sara_gaps`) where every gap fitted."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_sara.model import positions_of_deltas
+
+    torch.manual_seed(0)
+    model = get_peft_model(MLPConv(), SaRAConfig(threshold=0.002, init_weights=False))
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    old = {}
+    for key, tensor in saved.items():
+        if ".sara_deltas" in key:
+            positions = positions_of_deltas(tensor, 10**6).long()
+            old[key.replace(".sara_deltas", ".sara_gaps")] = torch.diff(
+                positions, prepend=torch.zeros(1, dtype=torch.long)
+            ).to(torch.uint16)
+        else:
+            old[key] = tensor
+    assert any(".sara_gaps" in key for key in old)
+    save_file(old, tmp_path / "adapter_model.safetensors")
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(MLPConv(), tmp_path)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
 
 
 def test_autocast_adapter_dtype_false_trains_and_reloads_in_the_base_dtype(tmp_path):
