@@ -27,6 +27,9 @@ FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for
 EMBEDDINGS_KEYS = ("clip_l", "clip_g")  # a pivotal-tuning embeddings file, as diffusers' advanced scripts write it
 ADAPTER_CONFIG = "adapter_config.json"
+# The relative (Frobenius) error at which a layer counts as reproduced exactly: the directions the export drops at
+# full rank hold less than this share of the update's norm. fp32 factors add about 1e-7 of rounding.
+EXACT_RELATIVE_ERROR = 1e-7
 # SDXL's added-conditioning MLP: kohya's tools name it after the original (sgm) UNet, and diffusers' kohya loader only
 # maps that spelling back to add_embedding.
 KOHYA_MODULE_NAMES = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
@@ -40,9 +43,10 @@ class LayerExport:
     module: str
     shape: tuple[int, ...]
     rank: int
-    full_rank: int  # numerical rank of the update: the rank at which the export is exact
+    full_rank: int  # the rank at which the export is exact: relative error at most EXACT_RELATIVE_ERROR
     energy: float  # squared Frobenius norm of the update
     energy_kept: float
+    relative_error: float  # ‖ΔW - up · down‖ / ‖ΔW‖ of the factors as written (in the export's dtype)
 
     @property
     def energy_retained(self) -> float:
@@ -62,6 +66,7 @@ class LoraExport:
     num_new_tokens: int = 0
     left_out: list[str] = field(default_factory=list)  # parts of the adapter a LoRA cannot express
     zero_updates: list[str] = field(default_factory=list)  # layers whose update is exactly zero: nothing to export
+    dtype_name: str = "float32"  # the dtype the factors were written in
 
     @property
     def energy_retained(self) -> float:
@@ -83,6 +88,14 @@ class LoraExport:
             f"{sum(layer.rank == layer.full_rank for layer in self.layers)} of them exact",
             f"  energy retained: {self.energy_retained:.4%} overall",
         ]
+        inexact = [layer for layer in self.layers if layer.relative_error > 1e-6]
+        if self.requested_rank == 1.0:
+            lines.append(
+                f"  rank 1.0: {len(self.layers) - len(inexact)} of {len(self.layers)} layers reproduced to a relative "
+                "error below 1e-6"
+                + (f"; above it, from the {self.dtype_name} factors' rounding: " if inexact else "")
+                + ", ".join(f"{layer.component}.{layer.module} {layer.relative_error:.1e}" for layer in inexact[:5])
+            )
         if worst and worst[0].energy_retained < 1:
             least = [
                 f"{layer.component}.{layer.module} {layer.energy_retained:.2%} (rank {layer.rank}/{layer.full_rank})"
@@ -193,12 +206,14 @@ def export_lora(
     for component, updates in decoded.items():
         for update in updates:
             module = update.module_name
-            exported = _low_rank_factors(update, rank)
+            exported = _low_rank_factors(update, rank, dtype)
             if exported is None:
                 zero_updates.append(f"{component}.{module}")
                 continue
-            down, up, layer_rank, full_rank, energy, energy_kept = exported
-            layers.append(LayerExport(component, module, update.shape, layer_rank, full_rank, energy, energy_kept))
+            down, up, layer_rank, full_rank, energy, energy_kept, error = exported
+            layers.append(
+                LayerExport(component, module, update.shape, layer_rank, full_rank, energy, energy_kept, error)
+            )
             factors[component, module] = down, up
     if not layers:
         raise ValueError(f"Every update of the SaRA adapter in {source} is zero: there is nothing to export.")
@@ -206,7 +221,16 @@ def export_lora(
     tensors, metadata = _lora_file_contents(layers, factors, format, sdxl, dtype)
     metadata.update(format="pt", sara_export=json.dumps({"source": name, "rank": rank}))
     _write_atomically(path, lambda staging: _save(tensors, staging, metadata))
-    result = LoraExport(path, format, rank, layers, path.stat().st_size, left_out=left_out, zero_updates=zero_updates)
+    result = LoraExport(
+        path,
+        format,
+        rank,
+        layers,
+        path.stat().st_size,
+        left_out=left_out,
+        zero_updates=zero_updates,
+        dtype_name=str(dtype).removeprefix("torch."),
+    )
     if embeddings is not None:
         result.embeddings_path = output_dir / f"{name}_emb.safetensors"
         result.num_new_tokens = embeddings
@@ -277,12 +301,16 @@ def _embeddings_file(source: Path, name: str) -> int | None:
     return counts.pop()
 
 
-def _low_rank_factors(update, rank: int | float):
-    """(down, up, rank, full rank, energy, kept energy) of one layer's update, or None if the update is zero.
+def _low_rank_factors(update, rank: int | float, dtype: torch.dtype):
+    """(down, up, rank, full rank, energy, kept energy, relative error) of one layer's update, or None if the update
+    is zero.
 
     down has the layer's input side ([r, in] or, for a convolution, [r, in, kh, kw]) and up its output side ([out, r]
     or [out, r, 1, 1]); the singular values are split evenly between them (√S each), which keeps both factors in range
-    for half precision.
+    for half precision. The energy of each singular direction is measured on the projection of ΔW onto it, not read
+    from the Gram matrix's eigenvalues (which square the condition number): the full rank is the fewest directions
+    whose residual is below EXACT_RELATIVE_ERROR, so that rank 1.0 reproduces the update to float rounding. The
+    relative error is measured on the factors as written in `dtype`.
     """
     shape = update.shape
     dense = torch.zeros(math.prod(shape), dtype=torch.float64)
@@ -293,29 +321,31 @@ def _low_rank_factors(update, rank: int | float):
         return None
     wide = matrix.shape[0] <= matrix.shape[1]
     side = matrix if wide else matrix.T  # the Gram matrix of the smaller side: at most 1280² for SD's largest layers
-    eigenvalues, eigenvectors = torch.linalg.eigh(side @ side.T)
-    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0), eigenvectors.flip(1)
-    singular = eigenvalues.sqrt()
-    tolerance = float(singular[0]) * max(matrix.shape) * torch.finfo(torch.float32).eps
-    full_rank = max(1, int((singular > tolerance).sum()))
+    _, eigenvectors = torch.linalg.eigh(side @ side.T)
+    eigenvectors = eigenvectors.flip(1)  # the largest singular directions first
+    projected = eigenvectors.T @ side  # [directions, other side] = S Vᵀ (rows of norm S)
+    direction_energy = projected.square().sum(1)
+    residual = direction_energy.flip(0).cumsum(0).flip(0)  # residual[k]: the energy of directions k and after
+    residual = torch.cat([residual[1:], residual.new_zeros(1)])  # ... after keeping the first k + 1
+    full_rank = int((residual > EXACT_RELATIVE_ERROR**2 * energy).sum()) + 1
     if isinstance(rank, float):
-        cumulative = eigenvalues.cumsum(0)
+        cumulative = direction_energy.cumsum(0)
         # the fewest directions holding `rank` of the energy, as peft's convert_to_lora picks them
         kept = int(torch.searchsorted(cumulative, rank * cumulative[-1])) + 1
     else:
         kept = rank
     kept = min(kept, full_rank)
-    basis = eigenvectors[:, :kept]  # orthonormal: the projection below is the best approximation in its span
-    projected = basis.T @ side  # [kept, other side] = S Vᵀ (rows of norm S)
-    energy_kept = float(projected.square().sum())
+    basis, projected = eigenvectors[:, :kept], projected[:kept]
+    energy_kept = float(direction_energy[:kept].sum())
     norms = projected.norm(dim=1).clamp(min=torch.finfo(torch.float64).tiny).sqrt()
     outer, inner = basis * norms, projected / norms[:, None]  # outer @ inner == basis @ projected
     up, down = (outer, inner) if wide else (inner.T, outer.T)
-    down = down.to(torch.float32).reshape(kept, *shape[1:]).contiguous()
-    up = up.to(torch.float32)
+    up, down = up.to(torch.float32), down.to(torch.float32)
+    error = float((up.to(dtype).double() @ down.to(dtype).double() - matrix).norm()) / math.sqrt(energy)
+    down = down.reshape(kept, *shape[1:]).contiguous()
     if len(shape) == 4:
         up = up.reshape(shape[0], kept, 1, 1)
-    return down, up.contiguous(), kept, full_rank, energy, energy_kept
+    return down, up.contiguous(), kept, full_rank, energy, energy_kept, error
 
 
 def _lora_file_contents(

@@ -233,3 +233,40 @@ def test_a_run_folder_missing_part_of_its_save_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"not one whole save \(text_encoder missing\)"):
         export_lora(tmp_path / "run", tmp_path / "lora-2", rank=2)
     assert export_lora(tmp_path / "run" / "unet", tmp_path / "lora-3", rank=2).layers  # one adapter folder, on purpose
+
+
+def _decaying_spectrum_adapter(folder) -> torch.Tensor:
+    """A 3x3 convolution's update whose singular values fall from 1 to 1e-6 (trained updates have long tails of small
+    ones), as a SaRA adapter training every entry; returns the update."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(64, 96, 3))
+    model = get_peft_model(base, SaRAConfig(threshold=10.0, target_modules=["0"]))
+    u, _ = torch.linalg.qr(torch.randn(96, 64, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(576, 64, dtype=torch.float64))
+    singular = torch.logspace(0, -6, 64, dtype=torch.float64)
+    update = (u * singular) @ v.T
+    model.base_model.model[0].sara_values["default"].data.copy_(update.reshape(-1).float())
+    model.save_pretrained(folder)
+    return model.base_model.model[0].sara_values["default"].detach().double().view(96, 576)
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_rank_one_reproduces_every_layer_to_float_rounding(tmp_path, format):
+    update = _decaying_spectrum_adapter(tmp_path / "adapter")
+    result = export_lora(tmp_path / "adapter", tmp_path / "lora", rank=1.0, format=format)
+    (layer,) = result.layers
+    assert layer.rank == layer.full_rank and layer.relative_error < 1e-6
+    tensors = load_file(result.path)
+    down = next(t for k, t in tensors.items() if k.endswith(("lora_A.weight", "lora_down.weight"))).double()
+    up = next(t for k, t in tensors.items() if k.endswith(("lora_B.weight", "lora_up.weight"))).double()
+    scale = float(next((t for k, t in tensors.items() if k.endswith(".alpha")), torch.tensor(layer.rank))) / layer.rank
+    product = scale * up.reshape(96, -1) @ down.reshape(layer.rank, -1)
+    assert float((product - update).norm() / update.norm()) < 1e-6
+    assert "1 of 1 layers reproduced to a relative error below 1e-6" in str(result)
+
+
+def test_rank_one_in_half_precision_names_the_layers_it_cannot_reproduce(tmp_path):
+    _decaying_spectrum_adapter(tmp_path / "adapter")
+    result = export_lora(tmp_path / "adapter", tmp_path / "lora", rank=1.0, dtype=torch.bfloat16)
+    assert result.layers[0].relative_error > 1e-6
+    assert "0 of 1 layers reproduced" in str(result) and "bfloat16 factors' rounding: unet.0" in str(result)
