@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .loading import ADAPTABLE_COMPONENTS, _check_one_save, _read_config, _read_weights, _save_metadata
+from .lora_tools import TOOLS, summary_lines, unloaded_layers
 from .model import read_saved_updates
 
 FORMATS = ("diffusers", "kohya")
@@ -67,6 +68,8 @@ class LoraExport:
     left_out: list[str] = field(default_factory=list)  # parts of the adapter a LoRA cannot express
     zero_updates: list[str] = field(default_factory=list)  # layers whose update is exactly zero: nothing to export
     dtype_name: str = "float32"  # the dtype the factors were written in
+    # per tool of lora_tools.TOOLS, the exported layers it will not load ("component.module")
+    unloaded_by: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def energy_retained(self) -> float:
@@ -102,6 +105,9 @@ class LoraExport:
                 for layer in worst
             ]
             lines.append("  least retained: " + ", ".join(least))
+        if self.unloaded_by:
+            lines.append("  what each tool loads of this file:")
+            lines += summary_lines(self.unloaded_by, self.format, len(self.layers))
         if self.embeddings_path is not None:
             lines.append(f"  new-token embeddings ({self.num_new_tokens} tokens) copied to {self.embeddings_path}")
         if self.zero_updates:
@@ -143,6 +149,7 @@ def export_lora(
     allow_partial: bool = False,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    only_loadable_by: str | None = None,
 ) -> LoraExport:
     """Export the SaRA adapter(s) in `source` as one LoRA file in `output_dir`, by truncated SVD of each update.
 
@@ -161,9 +168,14 @@ def export_lora(
     in the LoCon layout (down: a convolution of the layer's kernel, up: 1x1), which fits convolutions without groups
     or dilation, as in Stable Diffusion's UNets. Values are written in `dtype`.
 
-    An existing export in `output_dir`, or an `output_dir` inside `source`, is refused unless `overwrite=True`.
+    The result names, for each tool of `lora_tools.TOOLS`, the layers it will not load from this file (see
+    `peft_sara.lora_tools`). `only_loadable_by="kohya sd-scripts"` (any tool of TOOLS) leaves those layers out of the
+    file and lists them with what was left out. An existing export in `output_dir`, or an `output_dir` inside
+    `source`, is refused unless `overwrite=True`.
     """
     rank = check_rank(rank)
+    if only_loadable_by is not None and only_loadable_by not in TOOLS:
+        raise ValueError(f"only_loadable_by must be one of {', '.join(TOOLS)}, got {only_loadable_by!r}.")
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}.")
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -202,6 +214,11 @@ def export_lora(
 
     # SDXL: two text encoders, or a UNet with added conditioning (its only other mark without a base model)
     sdxl = "text_encoder_2" in folders or any(u.module_name in KOHYA_MODULE_NAMES for u in decoded.get("unet", []))
+    if only_loadable_by is not None:
+        names = [(component, update.module_name) for component, updates in decoded.items() for update in updates]
+        skipped = set(unloaded_layers(format, names, sdxl)[only_loadable_by])
+        left_out += [f"{layer} (not loaded by {only_loadable_by})" for layer in sorted(skipped)]
+        decoded = {c: [u for u in us if f"{c}.{u.module_name}" not in skipped] for c, us in decoded.items()}
     factors, layers, zero_updates = {}, [], []
     for component, updates in decoded.items():
         for update in updates:
@@ -230,6 +247,7 @@ def export_lora(
         left_out=left_out,
         zero_updates=zero_updates,
         dtype_name=str(dtype).removeprefix("torch."),
+        unloaded_by=unloaded_layers(format, [(layer.component, layer.module) for layer in layers], sdxl),
     )
     if embeddings is not None:
         result.embeddings_path = output_dir / f"{name}_emb.safetensors"
@@ -355,8 +373,9 @@ def _lora_file_contents(
     tensors = {}
     if format == "diffusers":
         for (component, module), (down, up) in factors.items():
-            tensors[f"{component}.{module}.lora_A.weight"] = down.to(dtype)
-            tensors[f"{component}.{module}.lora_B.weight"] = up.to(dtype)
+            key = _diffusers_name(component, module)
+            tensors[f"{key}.lora_A.weight"] = down.to(dtype)
+            tensors[f"{key}.lora_B.weight"] = up.to(dtype)
         return tensors, {"lora_adapter_metadata": json.dumps(_lora_configs(layers), sort_keys=True)}
     # One alpha for every layer: loaders scale each layer by alpha / its rank, and diffusers' kohya loader drops the
     # per-layer alphas of attention layers, so a layer whose rank differs carries rank / alpha in its factors.
@@ -377,6 +396,12 @@ def _lora_file_contents(
     return tensors, metadata
 
 
+def _diffusers_name(component: str, module: str) -> str:
+    """The diffusers format's key of a layer: the component, then the module path (text encoders' as the tools
+    name it)."""
+    return f"{component}.{module if component == 'unet' else _text_model_path(module)}"
+
+
 def _kohya_name(component: str, module: str, sdxl: bool) -> str:
     """kohya's key of a layer: the module path with '_' for '.', after a prefix naming the model."""
     if component == "unet":
@@ -385,10 +410,14 @@ def _kohya_name(component: str, module: str, sdxl: bool) -> str:
     else:
         # kohya's SD 1.x/2.x files say lora_te, its SDXL files lora_te1 and lora_te2
         prefix = "lora_te2" if component == "text_encoder_2" else "lora_te1" if sdxl else "lora_te"
-        if not module.startswith(("text_model.", "text_projection")):
-            # transformers 5 dropped CLIPTextModel's text_model level; the tools' names keep it (diffusers strips it)
-            module = f"text_model.{module}"
+        module = _text_model_path(module)
     return f"{prefix}_{module.replace('.', '_')}"
+
+
+def _text_model_path(module: str) -> str:
+    """A text-encoder layer's path as the tools name it: transformers 5 dropped CLIPTextModel's `text_model` level,
+    which ComfyUI's and kohya's names keep (diffusers loads either)."""
+    return module if module.startswith(("text_model.", "text_projection")) else f"text_model.{module}"
 
 
 def _lora_configs(layers: list[LayerExport]) -> dict:

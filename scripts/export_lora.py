@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Sequence
 
 from peft_sara.export import FORMATS, LoraExport, export_lora
+from peft_sara.lora_tools import TOOLS
 from peft_sara.script_utils.arguments import ArgumentParser, lora_rank
 from peft_sara.script_utils.cli import UserInputError, run_main
 from peft_sara.script_utils.output import SAVE_DTYPES
@@ -48,6 +49,13 @@ def make_parser() -> argparse.ArgumentParser:
         "them out (they are listed).",
     )
     parser.add_argument(
+        "--only_loadable_by",
+        choices=TOOLS,
+        default=None,
+        help="Leave out the layers this tool would not load (they are listed), e.g. 'kohya sd-scripts', which has no "
+        "module for conv_in, conv_out and the time embedding.",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace an export already in output_dir, or write into a folder inside the source folder.",
@@ -66,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> LoraExport:
             allow_partial=args.allow_partial,
             dtype=SAVE_DTYPES[args.save_precision],
             overwrite=args.overwrite,
+            only_loadable_by=args.only_loadable_by,
         )
     except ValueError as error:  # every bad input is named by export_lora before anything is written
         raise UserInputError(str(error)) from error

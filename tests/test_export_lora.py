@@ -92,3 +92,38 @@ def test_an_output_that_would_replace_or_mix_files_is_refused_unless_overwrite(r
         export([str(run_dir), str(run_dir)])
     assert not inside.exists()
     assert export([str(run_dir), str(inside), "--overwrite"]).path.parent == inside
+
+
+def test_the_summary_says_what_each_tool_loads_and_a_tool_s_gaps_can_be_left_out(run_dir, tmp_path, capsys):
+    export = load_script("export_lora").main
+    result = export([str(run_dir), str(tmp_path / "all"), "--format", "kohya", "--rank", "2"])
+    gaps = {"unet.conv_in", "unet.conv_out", "unet.time_embedding.linear_1", "unet.time_embedding.linear_2"}
+    assert set(result.unloaded_by["kohya sd-scripts"]) == gaps
+    assert result.unloaded_by["ComfyUI"] == result.unloaded_by["AUTOMATIC1111"] == []
+    printed = capsys.readouterr().out
+    assert f"kohya sd-scripts: will NOT load 4 of {len(result.layers)} layers" in printed
+    assert "ComfyUI: loads all" in printed
+
+    only = export(
+        [
+            str(run_dir),
+            str(tmp_path / "kohya"),
+            "--format",
+            "kohya",
+            "--rank",
+            "2",
+            "--only_loadable_by",
+            "kohya sd-scripts",
+        ]
+    )
+    assert {f"{layer.component}.{layer.module}" for layer in only.layers} == {
+        f"{layer.component}.{layer.module}" for layer in result.layers
+    } - gaps
+    assert sorted(only.left_out) == sorted(f"{gap} (not loaded by kohya sd-scripts)" for gap in gaps)
+    assert not any("conv_in" in key or "time_embedding" in key for key in load_file(only.path))
+    assert "kohya sd-scripts: loads all" in capsys.readouterr().out
+
+    diffusers = export([str(run_dir), str(tmp_path / "diffusers"), "--rank", "2"])
+    assert all(".attn" in name for name in diffusers.unloaded_by["ComfyUI"]) and diffusers.unloaded_by["ComfyUI"]
+    assert len(diffusers.unloaded_by["AUTOMATIC1111"]) == len(diffusers.layers)
+    assert "format='kohya' loads more" in capsys.readouterr().out

@@ -1,0 +1,86 @@
+"""Which layers of an exported LoRA each LoRA-loading tool applies, from the rules in the tools' published source.
+
+A tool that meets a key it has no layer for skips it, at best with a log line, so `export_lora` says beforehand which
+of the layers it wrote each tool will not load. The rules, for Stable Diffusion 1.x/2.x and SDXL UNets and CLIP text
+encoders, and the export's key spellings (diffusers: `unet.<module>.lora_A.weight`; kohya:
+`lora_unet_<module with _>.lora_down.weight`, `lora_te…`):
+
+- diffusers (`load_lora_weights`, 0.42): every layer, in both spellings.
+- ComfyUI (`comfy/lora.py`: `model_lora_keys_unet`, `model_lora_keys_clip`): every layer in the kohya spelling. In
+  the diffusers spelling it maps attention projections only under the old attention-processor names
+  (`attn1.processor.to_q`, `…processor.to_out`), so `to_q`, `to_k`, `to_v` and `to_out.0` are not loaded, and it does
+  not map `text_encoder_2.text_projection` (commented out there).
+- AUTOMATIC1111 (`extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis` and the `lora_unet` /
+  `lora_te1` fallbacks): the kohya spelling only. It converts an SDXL `up_blocks.0` upsampler with SD 1.x's block
+  index (the SD 1.x UNet has no attention in that block, SDXL's has), so that one layer is not found; a text
+  projection has no module there; SDXL's second text encoder is a fused attention, patched only where all of a
+  layer's q, k, v and out projections are present.
+- kohya sd-scripts (`networks/lora.py`: `LoRANetwork`): the kohya spelling only, and only Linear/Conv2d layers inside
+  `Transformer2DModel`, `ResnetBlock2D`, `Downsample2D`, `Upsample2D` (the UNet) and `CLIPAttention`/`CLIPMLP`
+  (the text encoders): `conv_in`, `conv_out`, `time_embedding`, `add_embedding` and `text_projection` have no module
+  under any name.
+"""
+
+from __future__ import annotations
+
+import re
+
+TOOLS = ("diffusers", "ComfyUI", "AUTOMATIC1111", "kohya sd-scripts")
+# The format each tool loads completely, for the README's advice and the summary's.
+BEST_FORMAT = {"diffusers": "diffusers", "ComfyUI": "kohya", "AUTOMATIC1111": "kohya", "kohya sd-scripts": "kohya"}
+
+_ATTENTION_PROJECTION = re.compile(r"\.to_(q|k|v|out\.0)$")
+_KOHYA_UNET_BLOCK = re.compile(r"(^|\.)((attentions|resnets)\.\d+\.|(downsamplers|upsamplers)\.0\.conv$)")
+_CLIP_LAYER = re.compile(r"(^|\.)encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+
+
+def unloaded_layers(format: str, layers: list[tuple[str, str]], sdxl: bool) -> dict[str, list[str]]:
+    """For each tool of TOOLS, the exported (component, module) layers it will not apply, as "component.module"."""
+    present = {(component, module) for component, module in layers}
+    unloaded = {}
+    for tool in TOOLS:
+        unloaded[tool] = [
+            f"{component}.{module}"
+            for component, module in layers
+            if not _loads(tool, format, component, module, sdxl, present)
+        ]
+    return unloaded
+
+
+def _loads(tool: str, format: str, component: str, module: str, sdxl: bool, present: set) -> bool:
+    if tool == "diffusers":
+        return True
+    if tool == "ComfyUI":
+        if format == "kohya":
+            return True
+        if component == "unet":
+            return not _ATTENTION_PROJECTION.search(module)
+        return _CLIP_LAYER.search(module) is not None
+    if format != "kohya":  # AUTOMATIC1111 and kohya sd-scripts read kohya's spelling only
+        return False
+    if tool == "AUTOMATIC1111":
+        if component == "unet":
+            return not (sdxl and module == "up_blocks.0.upsamplers.0.conv")
+        layer = _CLIP_LAYER.search(module)
+        if layer is None:
+            return False
+        if component == "text_encoder_2" and layer.group(3).startswith("self_attn"):
+            prefix = module[: layer.start(3)]
+            return all((component, f"{prefix}self_attn.{p}_proj") in present for p in ("q", "k", "v", "out"))
+        return True
+    if component == "unet":  # kohya sd-scripts
+        return _KOHYA_UNET_BLOCK.search(module) is not None
+    return _CLIP_LAYER.search(module) is not None
+
+
+def summary_lines(unloaded: dict[str, list[str]], format: str, total: int) -> list[str]:
+    """One line a tool: how many of the `total` exported layers it loads, which it does not, and the fix."""
+    lines = []
+    for tool, layers in unloaded.items():
+        if not layers:
+            lines.append(f"  {tool}: loads all {total} layers")
+            continue
+        fix = f"; format='{BEST_FORMAT[tool]}' loads more" if BEST_FORMAT[tool] != format else ""
+        shown = ", ".join(layers[:4]) + (" ..." if len(layers) > 4 else "")
+        lines.append(f"  {tool}: will NOT load {len(layers)} of {total} layers ({shown}){fix}")
+    return lines
