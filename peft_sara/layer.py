@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SaRAConfig
+from .sharding import full_tensor
 from .sparse_ops import (
     Conv2dOp,
     LinearOp,
@@ -98,7 +99,8 @@ class SaRALayer(BaseTunerLayer):
     def base_entries(self, adapter_name: str) -> torch.Tensor:
         """The base weight's entries at an adapter's positions, without any update (the regulariser and the
         progressive step read them)."""
-        return self.get_base_layer().weight.detach().reshape(-1).index_select(0, self.sara_indices[adapter_name])
+        weight = full_tensor(self.get_base_layer().weight.detach())  # whole, also where an engine shards it
+        return weight.reshape(-1).index_select(0, self.sara_indices[adapter_name])
 
     def update_layer(self, adapter_name: str, config: SaRAConfig) -> None:
         """Select the trainable entries of this layer for `adapter_name` and create their zero update."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import SaRAConfig
 from .layer import Conv2d, Linear, ModelReference, SaRALayer
+from .sharding import full_tensor
 from .sparse_ops import index_dtype_for
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
@@ -222,8 +223,10 @@ class SaRAModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """Save each layer's positions in the smallest of three forms (integers, a bitmask, 16-bit steps), and the
-        shape of the tensor they index."""
+        shape of the tensor they index. Values an engine shards (FSDP2's DTensors) are gathered whole: every process
+        must call this (as `save_pretrained` does), and the main process writes."""
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        state_dict = {key: full_tensor(tensor) for key, tensor in state_dict.items()}
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
                 continue

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import SaRAConfig
 from .layer import SaRALayer
+from .sharding import full_tensor, like, local, local_positions, on_local
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -113,9 +114,10 @@ class _TrainedUpdate:
         return self.layer.get_base_layer().weight.shape
 
     def effective_values(self) -> torch.Tensor:
-        """fp32 value of the weight at the trainable positions: base + scale · update."""
+        """fp32 value of the weight at the trainable positions: base + scale · update (whole, also where an engine
+        shards the values)."""
         base = self.layer.base_entries(self.adapter).float()
-        return base + self.layer.sara_scaling[self.adapter] * self.values.detach()
+        return base + self.layer.sara_scaling[self.adapter] * full_tensor(self.values.detach())
 
 
 class SaRATraining:
@@ -153,7 +155,8 @@ class SaRATraining:
         self._skipping_step = False
         self.last_rank_loss: torch.Tensor | None = None
         self.last_rank_layers: list[str] = []
-        self._frozen: dict[str, tuple[torch.Tensor, torch.Tensor, Any]] = {}
+        # per frozen update: its positions, those this process holds (in its shard), their values, the gradient hook
+        self._frozen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]] = {}
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
@@ -169,7 +172,7 @@ class SaRATraining:
     def frozen_fraction(self) -> float:
         """Share of the original trainable entries frozen by the progressive step."""
         total = sum(update.values.numel() for update in self.updates)
-        frozen = sum(positions.numel() for positions, _, _ in self._frozen.values())
+        frozen = sum(positions.numel() for positions, _, _, _ in self._frozen.values())
         return frozen / total if total else 0.0
 
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -201,15 +204,16 @@ class SaRATraining:
         if grad_scale is not None:
             subgradient.mul_(grad_scale.to(subgradient.device))
         values = update.values
-        values.grad = subgradient.to(values.dtype) if values.grad is None else values.grad.add_(subgradient)
+        subgradient = like(subgradient.to(values.dtype), values)
+        values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
         return weight * nuclear_norm
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._skipping_step:
             return
         self.step += 1
-        for key, (positions, frozen_values, _) in self._frozen.items():
-            self._updates_by_key[key].values.data.index_copy_(0, positions, frozen_values)
+        for key, (_, held, frozen_values, _) in self._frozen.items():
+            local(self._updates_by_key[key].values.data).index_copy_(0, held, frozen_values)
         for update in self.updates:
             if update.config.progressive_step == self.step and update.key not in self._frozen:
                 still_small = update.effective_values().abs() < update.config.threshold
@@ -219,18 +223,19 @@ class SaRATraining:
         """Keep `positions` of the update at their current values for good, and give them no gradient."""
         values = update.values
         positions = positions.to(values.device)
-        handle = values.register_hook(lambda grad: grad.index_fill(0, positions, 0))
-        self._frozen[update.key] = (positions, values.detach().index_select(0, positions), handle)
+        held = local_positions(positions, values)  # the positions this process holds, where the values are sharded
+        handle = values.register_hook(lambda grad: on_local(grad, lambda shard: shard.index_fill(0, held, 0)))
+        self._frozen[update.key] = (positions, held, local(values.detach()).index_select(0, held), handle)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "frozen_positions": {key: positions.cpu() for key, (positions, _, _) in self._frozen.items()},
+            "frozen_positions": {key: positions.cpu() for key, (positions, _, _, _) in self._frozen.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint's state; the model's SaRA values must be loaded already (accelerate does so)."""
-        for _, _, handle in self._frozen.values():
+        for *_, handle in self._frozen.values():
             handle.remove()
         self._frozen = {}
         self.step = int(state["step"])
@@ -244,7 +249,7 @@ class SaRATraining:
         """Remove the hooks: the optimizer steps like a plain one again."""
         for handle in self._handles:
             handle.remove()
-        for _, _, handle in self._frozen.values():
+        for *_, handle in self._frozen.values():
             handle.remove()
         self.optimizer._sara_training = None
 

@@ -271,17 +271,22 @@ def load_script(name: str):
     return module
 
 
+def free_port() -> str:
+    """A free local port for a multi-process run (the default 29500 collides between concurrent runs)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def launch_two_cpu_processes(script: str, script_args: list[str]) -> list[str]:
     """`accelerate launch` of a script on 2 CPU processes (gloo DDP) on a free port: see SPEC §6 for why each flag.
 
     Run it with the environment from `two_process_env()`.
     """
-    import socket
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     return [
         sys.executable,
         "-m",
@@ -296,7 +301,7 @@ def launch_two_cpu_processes(script: str, script_args: list[str]) -> list[str]:
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(port),
+        free_port(),
         script,
         *script_args,
     ]
