@@ -8,8 +8,6 @@ communication. Plain tensors pass through unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 try:
@@ -49,12 +47,3 @@ def local_positions(positions: torch.Tensor, reference: torch.Tensor) -> torch.T
         return positions[:0]
     start, end = int(held[0]), int(held[-1]) + 1
     return positions[(positions >= start) & (positions < end)] - start
-
-
-def on_local(tensor: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`function` applied to this process's shard, laid out again as `tensor` is."""
-    if not is_sharded(tensor):
-        return function(tensor)
-    return DTensor.from_local(
-        function(tensor.to_local()), tensor.device_mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride()
-    )

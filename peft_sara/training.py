@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import SaRAConfig
 from .layer import SaRALayer
-from .sharding import full_tensor, like, local, local_positions, on_local
+from .sharding import full_tensor, is_sharded, like, local, local_positions
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -224,7 +224,12 @@ class SaRATraining:
         values = update.values
         positions = positions.to(values.device)
         held = local_positions(positions, values)  # the positions this process holds, where the values are sharded
-        handle = values.register_hook(lambda grad: on_local(grad, lambda shard: shard.index_fill(0, held, 0)))
+        if is_sharded(values):
+            # FSDP2 reduce-scatters into the sharded values' .grad outside autograd's view of them: a tensor hook
+            # never runs there, the hook after accumulation does (before clipping and the step)
+            handle = values.register_post_accumulate_grad_hook(lambda param: local(param.grad).index_fill_(0, held, 0))
+        else:
+            handle = values.register_hook(lambda grad: grad.index_fill(0, held, 0))
         self._frozen[update.key] = (positions, held, local(values.detach()).index_select(0, held), handle)
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tiny_unet, unet_inputs  # noqa: E402
 
 from peft_sara import SaRAConfig, attach  # noqa: E402
+from peft_sara.sharding import full_tensor  # noqa: E402
 
 
 def train(output_dir: str, sharded: bool) -> dict:
@@ -31,13 +32,27 @@ def train(output_dir: str, sharded: bool) -> dict:
     for step in range(4):
         loss = model(**unet_inputs(unet, seed=step)).sample.square().mean()
         loss.backward()
+        frozen = training.state_dict()["frozen_positions"]
+        frozen_gradient = max(
+            (
+                full_tensor(u.values.grad)[frozen[u.key]].abs().max().item()
+                for u in training.updates
+                if u.key in frozen
+            ),
+            default=0.0,
+        )
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.detach().item())
     main_process = not sharded or torch.distributed.get_rank() == 0
     model.save_pretrained(output_dir, is_main_process=main_process)  # every process gathers, the first writes
-    report = {"losses": losses, "frozen_fraction": training.frozen_fraction, "training": training.state_dict()}
+    report = {
+        "losses": losses,
+        "frozen_fraction": training.frozen_fraction,
+        "frozen_gradient": frozen_gradient,  # at the last step, after backward
+        "training": training.state_dict(),
+    }
     if main_process:
         torch.save(report, os.path.join(output_dir, "report.pt"))
     return report
