@@ -113,7 +113,8 @@ class LoraExport:
         if self.zero_updates:
             lines.append(f"  {len(self.zero_updates)} layers with a zero update (nothing to export)")
         if self.left_out:
-            lines.append(f"  left out ({len(self.left_out)}): " + "; ".join(self.left_out[:10]))
+            more = f"; ... and {len(self.left_out) - 10} more (LoraExport.left_out)" if len(self.left_out) > 10 else ""
+            lines.append(f"  left out ({len(self.left_out)}): " + "; ".join(self.left_out[:10]) + more)
         return "\n".join(lines)
 
 
@@ -217,6 +218,11 @@ def export_lora(
     if only_loadable_by is not None:
         names = [(component, update.module_name) for component, updates in decoded.items() for update in updates]
         skipped = set(unloaded_layers(format, names, sdxl)[only_loadable_by])
+        if len(skipped) == len(names):
+            raise ValueError(
+                f"{only_loadable_by} loads none of the layers in format={format!r}: export with format='kohya' "
+                "(--format kohya), which it reads."
+            )
         left_out += [f"{layer} (not loaded by {only_loadable_by})" for layer in sorted(skipped)]
         decoded = {c: [u for u in us if f"{c}.{u.module_name}" not in skipped] for c, us in decoded.items()}
     factors, layers, zero_updates = {}, [], []

@@ -127,3 +127,11 @@ def test_the_summary_says_what_each_tool_loads_and_a_tool_s_gaps_can_be_left_out
     assert all(".attn" in name for name in diffusers.unloaded_by["ComfyUI"]) and diffusers.unloaded_by["ComfyUI"]
     assert len(diffusers.unloaded_by["AUTOMATIC1111"]) == len(diffusers.layers)
     assert "format='kohya' loads more" in capsys.readouterr().out
+
+
+def test_a_tool_that_loads_nothing_of_the_format_is_named_not_called_a_zero_update(run_dir, tmp_path):
+    with pytest.raises(UserInputError, match="kohya sd-scripts loads none of the layers in format='diffusers'"):
+        load_script("export_lora").main(
+            [str(run_dir), str(tmp_path / "out"), "--only_loadable_by", "kohya sd-scripts"]
+        )
+    assert not (tmp_path / "out").exists()
