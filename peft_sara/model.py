@@ -16,6 +16,7 @@ from .sharding import full_tensor
 from .sparse_ops import index_dtype_for
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
+PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names its base model's modules
 # (positions attribute, values attribute, name of the base layer's tensor they update, name of the packed form)
 SPARSE_UPDATES = (
     ("sara_indices", "sara_values", "weight", "sara_mask"),
@@ -297,7 +298,7 @@ class SaRAModel(BaseTuner):
     ) -> str | None:
         """The key under which a saved file holds a layer's extra tensor (saved without the adapter name), if any."""
         key = cls._remove_adapter_name_from_key(f"{module_name}.{attribute}.{adapter_name}", adapter_name)
-        return next((k for k in (key, "base_model.model." + key) if k in state_dict), None)
+        return next((k for k in (key, PEFT_MODEL_PREFIX + key) if k in state_dict), None)
 
     @classmethod
     def _match_saved_updates(
@@ -330,7 +331,7 @@ class SaRAModel(BaseTuner):
                     missing.append(f"{module_name} ({tensor_name})")
                     continue
                 base_tensor = getattr(module.get_base_layer(), tensor_name)
-                name = f"{module_name.removeprefix('base_model.model.')}.{tensor_name}"
+                name = f"{module_name.removeprefix(PEFT_MODEL_PREFIX)}.{tensor_name}"
                 indices = _saved_positions(name, update, tensors, base_tensor)
                 values = state_dict[value_key]
                 _check_saved_update(name, indices, values, base_tensor)
@@ -351,9 +352,6 @@ class SaRAModel(BaseTuner):
                 "trained on (same architecture and module names)."
             )
         return fitted
-
-
-PEFT_MODEL_PREFIX = "base_model.model."
 
 
 def _with_model_prefix(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -395,7 +393,7 @@ def _saved_tensors(state_dict: dict[str, torch.Tensor]) -> dict[tuple[str, tuple
     """A saved adapter's tensors grouped by (module name, row of SPARSE_UPDATES), keyed by attribute name."""
     saved: dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
-        module_name, _, attribute = key.removeprefix("base_model.model.").rpartition(".")
+        module_name, _, attribute = key.removeprefix(PEFT_MODEL_PREFIX).rpartition(".")
         for update in SPARSE_UPDATES:
             index_attr, value_attr, tensor_name, mask_attr = update
             if attribute in (index_attr, value_attr, mask_attr, SHAPE_ATTRS[tensor_name], *_packed_forms(tensor_name)):
