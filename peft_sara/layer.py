@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SaRAConfig
-from .sharding import full_tensor
+from .sharding import ZERO3_REFUSAL, full_tensor, is_zero3_partitioned
 from .sparse_ops import (
     Conv2dOp,
     LinearOp,
@@ -278,6 +278,8 @@ class SaRALayer(BaseTunerLayer):
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
         """The base layer's op with the active adapters' updates in its weight and bias."""
         base_layer = self.get_base_layer()
+        if is_zero3_partitioned(base_layer.weight):  # an empty partition here: F.linear would fail on its shape
+            raise RuntimeError(ZERO3_REFUSAL)
         updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
         compute_dtype = self._compute_dtype(x, base_layer)
         bias = self._effective_bias(base_layer.bias, adapter_names)

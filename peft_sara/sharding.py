@@ -1,5 +1,6 @@
 """Tensors that a sharding engine splits across processes (FSDP2's `fully_shard` makes every parameter a DTensor
-sharded along its first dimension): what SaRA's training logic needs of them, whole or as this process's shard.
+sharded along its first dimension): what SaRA's training logic needs of them, whole or as this process's shard; and
+the engines SaRA does not train under yet, recognised so that they are refused instead of training wrong values.
 
 `full_tensor` is a collective: every process must call it for the same tensors in the same order, which SaRA's step
 hooks do (their decisions depend only on the step count, the seed and the parameters). The other helpers take no
@@ -8,12 +9,40 @@ communication. Plain tensors pass through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
+from torch import nn
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed support: nothing can be sharded
     DTensor = distribute_tensor = None
+
+# Each engine SaRA refuses, why, and what to use instead: one line each, for attach and the training scripts.
+_USE_INSTEAD = (
+    "train with DDP (accelerate launch --config_file configs/accelerate/multi_gpu_ddp.yaml) or shard with FSDP2 "
+    "(torch.distributed.fsdp.fully_shard)"
+)
+DEEPSPEED_REFUSAL = (
+    "SaRA does not train under DeepSpeed yet: ZeRO steps its own fp32 copies of the SaRA values, which the "
+    "regulariser and the progressive step do not reach, so the run would train other values than it reports; "
+    f"{_USE_INSTEAD}."
+)
+FSDP1_REFUSAL = (
+    "SaRA does not train under FSDP1 (FullyShardedDataParallel) yet: its flat parameters hold shards of the base "
+    f"weights, which SaRA's op and step read whole; {_USE_INSTEAD}."
+)
+ACCELERATE_FSDP_REFUSAL = (
+    "The training scripts do not run under accelerate's FSDP plugin yet (untested: saving gathers on every process, "
+    "which the scripts do on the main one only); train with DDP (accelerate launch --config_file "
+    "configs/accelerate/multi_gpu_ddp.yaml), or use FSDP2's fully_shard from Python (README: Sharded training)."
+)
+ZERO3_REFUSAL = (
+    "SaRA's layers cannot run on DeepSpeed ZeRO-3 partitioned weights (the base weight is gathered only inside its "
+    f"own forward, which SaRA's op does not call); {_USE_INSTEAD}."
+)
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -47,3 +76,49 @@ def local_positions(positions: torch.Tensor, reference: torch.Tensor) -> torch.T
         return positions[:0]
     start, end = int(held[0]), int(held[-1]) + 1
     return positions[(positions >= start) & (positions < end)] - start
+
+
+def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | None:
+    """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer or engine, ZeRO-3 partitioned
+    parameters, FSDP1 wrappers), as one line naming the fix; None where it can."""
+    wrapped = optimizer
+    while wrapped is not None:
+        if _from_deepspeed(wrapped):
+            return DEEPSPEED_REFUSAL
+        wrapped = getattr(wrapped, "optimizer", None)
+    for model in models:
+        if _from_deepspeed(model):
+            return DEEPSPEED_REFUSAL
+        if any(is_zero3_partitioned(param) for param in model.parameters()):
+            return ZERO3_REFUSAL
+        if any(_is_fsdp1(module) for module in model.modules()):
+            return FSDP1_REFUSAL
+    return None
+
+
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """A parameter that DeepSpeed ZeRO-3 has partitioned (it keeps its bookkeeping on the parameter itself)."""
+    return hasattr(param, "ds_id")
+
+
+def unsupported_launch(distributed_type: str) -> str | None:
+    """Why a training script cannot run under accelerate's engine of this launch (its `DistributedType` name), said
+    before any model is loaded; None where it can."""
+    if distributed_type == "DEEPSPEED":
+        return DEEPSPEED_REFUSAL
+    if distributed_type == "FSDP":
+        return ACCELERATE_FSDP_REFUSAL
+    return None
+
+
+def _from_deepspeed(thing: Any) -> bool:
+    # by module name, so that recognising DeepSpeed's classes does not import (or need) DeepSpeed
+    return type(thing).__module__.split(".")[0] == "deepspeed"
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:
+        return False
+    return isinstance(module, FullyShardedDataParallel)

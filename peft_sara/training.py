@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import SaRAConfig
 from .layer import SaRALayer
-from .sharding import full_tensor, is_sharded, like, local, local_positions
+from .sharding import full_tensor, is_sharded, like, local, local_positions, unsupported_engine
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -128,10 +128,13 @@ class SaRATraining:
     """
 
     def __init__(self, model: nn.Module | Sequence[nn.Module], optimizer: Any) -> None:
+        models = [model] if isinstance(model, nn.Module) else list(model)
+        refusal = unsupported_engine(models, optimizer)
+        if refusal is not None:
+            raise ValueError(refusal)
         self.optimizer = _unwrap_optimizer(optimizer)
         if getattr(self.optimizer, "_sara_training", None) is not None:
             raise ValueError("peft_sara.attach was already called for this optimizer; call it once per optimizer.")
-        models = [model] if isinstance(model, nn.Module) else list(model)
         self.updates = [
             update
             for index, one_model in enumerate(models)
@@ -262,9 +265,10 @@ class SaRATraining:
 def attach(model: nn.Module | Sequence[nn.Module], optimizer: Any) -> SaRATraining:
     """Make `optimizer.step()` apply SaRA's regulariser and progressive step to the model's trainable SaRA adapters.
 
-    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate, or a
-    list of such models trained by the same optimizer (a UNet and its text encoder); `optimizer` a torch optimizer
-    or one wrapped by accelerate.
+    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate or
+    sharded by FSDP2's `fully_shard`, or a list of such models trained by the same optimizer (a UNet and its text
+    encoder); `optimizer` a torch optimizer or one wrapped by accelerate. DeepSpeed and FSDP1 are refused (see
+    `sharding.unsupported_engine`).
     """
     return SaRATraining(model, optimizer)
 

@@ -17,17 +17,21 @@ PRESET_SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize(
-    "name, distributed_type",
-    [("single_gpu.yaml", "NO"), ("multi_gpu_ddp.yaml", "MULTI_GPU"), ("deepspeed_zero2.yaml", "DEEPSPEED")],
-)
+@pytest.mark.parametrize("name, distributed_type", [("single_gpu.yaml", "NO"), ("multi_gpu_ddp.yaml", "MULTI_GPU")])
 def test_accelerate_configs_load(name, distributed_type):
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(CONFIGS / "accelerate" / name))
     assert config.distributed_type == distributed_type
-    if distributed_type == "DEEPSPEED":
-        assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_every_shipped_accelerate_config_launches_an_engine_the_scripts_run_under():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from peft_sara.sharding import unsupported_launch
+
+    for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
+        assert unsupported_launch(load_config_from_file(str(path)).distributed_type) is None, path.name
 
 
 def test_every_preset_names_a_known_script():

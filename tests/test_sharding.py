@@ -1,5 +1,6 @@
 """peft_sara/sharding.py: SaRA under FSDP2 (`fully_shard`, every parameter a DTensor shard) trains, regularises,
-freezes and saves exactly what a plain run does (two gloo processes on CPU, launched by torch.distributed.run)."""
+freezes and saves exactly what a plain run does (two gloo processes on CPU, launched by torch.distributed.run); the
+engines it does not train under yet (DeepSpeed, ZeRO-3, FSDP1, accelerate's FSDP plugin) are refused in one line."""
 
 from __future__ import annotations
 
@@ -7,14 +8,97 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import free_port, tiny_unet, two_process_env, unet_inputs
 from helpers.fsdp2_train import train
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
-from peft_sara.sharding import full_tensor, like, local, local_positions
+from peft_sara import SaRAConfig, attach
+from peft_sara.script_utils.cli import UserInputError
+from peft_sara.script_utils.setup import make_accelerator
+from peft_sara.sharding import (
+    ACCELERATE_FSDP_REFUSAL,
+    DEEPSPEED_REFUSAL,
+    FSDP1_REFUSAL,
+    ZERO3_REFUSAL,
+    full_tensor,
+    like,
+    local,
+    local_positions,
+    unsupported_launch,
+)
 
-HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "fsdp2_train.py")
+HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+HELPER = os.path.join(HELPERS, "fsdp2_train.py")
+
+
+def sara_unet():
+    return get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02))
+
+
+def deepspeed_stand_in(class_name: str, module: str, **attributes):
+    """An object of a class defined in DeepSpeed's package (by its module name, which is all attach looks at), so
+    that the refusal is tested without DeepSpeed installed."""
+    return type(class_name, (), {"__module__": module, **attributes})()
+
+
+def test_attach_refuses_deepspeeds_optimizer_as_accelerate_wraps_it():
+    model = sara_unet()
+    zero = deepspeed_stand_in("DeepSpeedZeroOptimizer", "deepspeed.runtime.zero.stage_1_and_2")
+    zero.param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    wrapper = deepspeed_stand_in("DeepSpeedOptimizerWrapper", "accelerate.utils.deepspeed", optimizer=zero)
+    with pytest.raises(ValueError) as error:
+        attach(model, wrapper)
+    assert str(error.value) == DEEPSPEED_REFUSAL and "multi_gpu_ddp.yaml" in str(error.value)
+
+
+def test_attach_refuses_a_deepspeed_engine():
+    model = sara_unet()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    engine = type("DeepSpeedEngine", (torch.nn.Module,), {"__module__": "deepspeed.runtime.engine"})()
+    engine.module = model
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        attach(engine, optimizer)
+
+
+def test_zero3_partitioned_weights_are_refused_by_attach_and_by_the_layers_forward():
+    model = sara_unet()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    layer = next(module for module in model.modules() if hasattr(module, "sara_values"))
+    layer.get_base_layer().weight.ds_id = 0  # what ZeRO-3 puts on every parameter it partitions
+    with pytest.raises(ValueError) as error:
+        attach(model, optimizer)
+    assert str(error.value) == ZERO3_REFUSAL
+    with pytest.raises(RuntimeError) as error:
+        model(**unet_inputs(model.base_model.model))
+    assert str(error.value) == ZERO3_REFUSAL
+
+
+def test_attach_refuses_fsdp1():
+    result = subprocess.run(
+        [sys.executable, os.path.join(HELPERS, "fsdp1_attach.py"), free_port()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=two_process_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"refused: {FSDP1_REFUSAL}"
+
+
+def test_scripts_refuse_accelerates_deepspeed_and_fsdp_launches_before_loading_anything(tmp_path, monkeypatch):
+    assert unsupported_launch("DEEPSPEED") == DEEPSPEED_REFUSAL
+    assert unsupported_launch("FSDP") == ACCELERATE_FSDP_REFUSAL
+    assert unsupported_launch("MULTI_GPU") is None and unsupported_launch("NO") is None
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    # accelerate starts neither engine on a CPU-only machine: the launch's engine is what the Accelerator reports
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    with pytest.raises(UserInputError) as error:
+        make_accelerator(str(tmp_path), "logs", 1, "no", "none", seed=0)
+    assert str(error.value) == DEEPSPEED_REFUSAL
 
 
 def test_plain_tensors_pass_through():

@@ -289,3 +289,31 @@ def test_polar_factor_refuses_an_unknown_method():
 
     with pytest.raises(ValueError, match="newton_schulz"):
         polar_factor(torch.ones(3, 4), "qr")
+
+
+def test_a_base_stored_in_fp8_trains_what_its_fp32_copy_trains():
+    """diffusers' layerwise casting (fp8 storage, the usual way to fit Flux on 24 GB) under attach: the fp32 values,
+    the regulariser and the progressive step train what they train on the same weights stored in fp32."""
+    import copy
+
+    unet = tiny_unet()
+    for module in unet.modules():  # weights that fp8 holds exactly, so that both runs start from the same base
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None:
+                    tensor.data = tensor.data.to(torch.float8_e4m3fn).float()
+    config = SaRAConfig(threshold=0.02, init_weights=False, rank_min_dim=8, lambda_rank=0.2, progressive_step=2)
+    unet.add_adapter(config)
+    stored_in_fp8 = copy.deepcopy(unet)
+    stored_in_fp8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert any(m.weight.dtype == torch.float8_e4m3fn for m in stored_in_fp8.modules() if isinstance(m, nn.Linear))
+    initial, trained = adapter_values(unet), []
+    for model in (unet, stored_in_fp8):
+        _, training = train(model, steps=4, lr=0.05)
+        assert training.frozen_fraction > 0
+        trained.append(adapter_values(model))
+    assert trained[0].keys() == trained[1].keys() == initial.keys()
+    assert any(not torch.equal(values, initial[name]) for name, values in trained[1].items())
+    for name, values in trained[0].items():
+        assert trained[1][name].dtype == torch.float32
+        torch.testing.assert_close(trained[1][name], values, rtol=1e-5, atol=1e-7, msg=name)

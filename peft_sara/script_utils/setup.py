@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..sharding import unsupported_launch
+from .cli import UserInputError
 from .models import make_optimizer
 
 
@@ -35,6 +37,9 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # reproducible shuffles, also on resume
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else [],
     )
+    refusal = unsupported_launch(accelerator.distributed_type.name)
+    if refusal is not None:  # said before any model is loaded
+        raise UserInputError(refusal)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if seed is not None:
         set_seed(seed)
