@@ -207,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.gradient_checkpointing,
             args.enable_xformers_memory_efficient_attention,
             args.train_text_encoder,
+            args.layerwise_casting,
+            weight_dtype,
         )
         models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
             accelerator, models, dataloader, learning_rate, args, loop.max_train_steps

@@ -150,6 +150,29 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(dreambooth_args, tmp_pa
         assert torch.allclose(actual[key].float(), expected[key].float(), atol=1e-6, rtol=0), key
 
 
+def test_a_base_stored_in_fp8_trains_and_resumes_exactly(dreambooth_args, tmp_path):
+    common = dreambooth_args + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-2"]
+    script = load_script("train_dreambooth_sara")
+    outputs = {}
+    for name, extra in (("fp32_base", []), ("fp8_base", ["--layerwise_casting", "float8_e4m3fn"])):
+        script.main(common + extra + ["--output_dir", str(tmp_path / name)])
+        outputs[name] = load_file(tmp_path / name / "unet" / "adapter_model.safetensors")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "fp8_base" / "checkpoint-2", resumed / "checkpoint-2")
+    script.main(
+        common
+        + ["--layerwise_casting", "float8_e4m3fn", "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"]
+    )
+    actual = load_file(resumed / "unet" / "adapter_model.safetensors")
+    values = [key for key in actual if "sara_values" in key]
+    assert values and all(actual[key].dtype == torch.float32 for key in values)
+    for key in actual:
+        assert torch.equal(actual[key], outputs["fp8_base"][key]), key
+    # the fp8-rounded base gives other gradients: the flag reached the UNet
+    assert any(not torch.equal(outputs["fp8_base"][key], outputs["fp32_base"][key]) for key in values)
+
+
 def test_two_processes_with_accelerate(dreambooth_args, tmp_path):
     output = tmp_path / "out"
     extra = ["--output_dir", str(output), "--max_train_steps", "2", "--gradient_accumulation_steps", "2"]

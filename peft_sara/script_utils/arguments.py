@@ -24,6 +24,10 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserInputError(f"{message} (see {self.prog} --help)")
 
 
+# storage dtypes of --layerwise_casting: torch dtype names
+LAYERWISE_CASTING_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+
+
 def parse_args_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse `argv`, with defaults taken from the YAML file named by `--config` (the command line wins).
 
@@ -257,6 +261,14 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--gradient_checkpointing",
         action="store_true",
         help="Trade compute for memory in the UNet (and text encoder).",
+    )
+    group.add_argument(
+        "--layerwise_casting",
+        choices=LAYERWISE_CASTING_DTYPES,
+        default=None,
+        help="Store the frozen UNet's weights in this fp8 dtype and cast each layer to the run's precision only while "
+        "it computes (diffusers' enable_layerwise_casting): about half the base's memory of bf16. SaRA's values, "
+        "gradients and optimizer state stay fp32.",
     )
     group.add_argument(
         "--enable_xformers_memory_efficient_attention",

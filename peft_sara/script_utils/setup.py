@@ -54,9 +54,12 @@ def enable_memory_savings(
     gradient_checkpointing: bool,
     xformers: bool,
     train_text_encoder: bool,
+    layerwise_casting: str | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """Gradient checkpointing (UNet, and the text encoder or encoders when they train) and xformers attention in the
-    UNet."""
+    """Gradient checkpointing (UNet, and the text encoder or encoders when they train), xformers attention in the
+    UNet, and the UNet's frozen weights stored in the `layerwise_casting` dtype (a torch dtype name) and computed in
+    `compute_dtype`. Call it after the adapter is added: SaRA's values stay fp32."""
     if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text_encoder:
@@ -64,6 +67,8 @@ def enable_memory_savings(
                 text_encoder.gradient_checkpointing_enable()
     if xformers:
         unet.enable_xformers_memory_efficient_attention()
+    if layerwise_casting is not None:
+        unet.enable_layerwise_casting(storage_dtype=getattr(torch, layerwise_casting), compute_dtype=compute_dtype)
 
 
 def prepare_optimization(
