@@ -13,6 +13,7 @@ import torch
 from conftest import free_port, tiny_unet, two_process_env, unet_inputs
 from helpers.fsdp2_train import train
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from peft_sara import SaRAConfig, attach
 from peft_sara.script_utils.cli import UserInputError
@@ -137,3 +138,24 @@ def test_fsdp2_trains_and_saves_what_a_plain_run_does(tmp_path):
         with torch.no_grad():
             outputs.append(model(**unet_inputs(model.base_model.model, seed=9)).sample)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_resumes_from_a_distributed_checkpoint_to_the_same_adapter(tmp_path):
+    """Model and optimizer through torch.distributed.checkpoint, attach's state (the progressive step's frozen set,
+    the step count) through its state_dict: new processes resumed after 2 of 4 steps write the straight run's adapter
+    bit for bit (without attach's state they do not: the frozen entries would train again)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    for mode in ("straight", "resume"):
+        result = subprocess.run(
+            [*command, "--master_port", free_port(), os.path.join(HELPERS, "fsdp2_resume.py"), mode, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=two_process_env(),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resume" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys() and any("sara_values" in key for key in straight)
+    for key, tensor in straight.items():
+        assert torch.equal(resumed[key], tensor), key

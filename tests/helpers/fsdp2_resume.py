@@ -1,0 +1,61 @@
+"""Worker for test_sharding: FSDP2 training stopped and resumed. `straight DIR` trains 4 steps, saving a checkpoint
+after 2 (model and optimizer through torch.distributed.checkpoint, attach's state with torch.save); `resume DIR`
+starts new processes from that checkpoint and trains the last 2 steps. Both write the final adapter."""
+
+import os
+import sys
+
+import torch
+import torch.distributed.checkpoint as dcp
+from peft import get_peft_model
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import tiny_unet, unet_inputs  # noqa: E402
+
+from peft_sara import SaRAConfig, attach  # noqa: E402
+
+STEPS, CHECKPOINT_AFTER = 4, 2
+
+
+def sharded_training():
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    config = SaRAConfig(threshold=0.02, init_weights=False, rank_min_dim=8, lambda_rank=0.2, progressive_step=2)
+    model = get_peft_model(unet, config)
+    for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
+        fully_shard(block)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    return model, optimizer, attach(model, optimizer)
+
+
+def main(mode: str, output_dir: str) -> None:
+    torch.distributed.init_process_group("gloo")
+    model, optimizer, training = sharded_training()
+    checkpoint = os.path.join(output_dir, "checkpoint")
+    first_step = 0
+    if mode == "resume":
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        training.load_state_dict(torch.load(os.path.join(checkpoint, "sara_training.pt")))
+        first_step = CHECKPOINT_AFTER
+    for step in range(first_step, STEPS):
+        model(**unet_inputs(model.base_model.model, seed=step)).sample.square().mean().backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        if mode == "straight" and step + 1 == CHECKPOINT_AFTER:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
+            if torch.distributed.get_rank() == 0:
+                torch.save(training.state_dict(), os.path.join(checkpoint, "sara_training.pt"))
+    model.save_pretrained(os.path.join(output_dir, mode), is_main_process=torch.distributed.get_rank() == 0)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
