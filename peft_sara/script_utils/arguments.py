@@ -267,8 +267,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         choices=LAYERWISE_CASTING_DTYPES,
         default=None,
         help="Store the frozen UNet's weights in this fp8 dtype and cast each layer to the run's precision only while "
-        "it computes (diffusers' enable_layerwise_casting): about half the base's memory of bf16. SaRA's values, "
-        "gradients and optimizer state stay fp32.",
+        "it computes (diffusers' enable_layerwise_casting): its Linear and Conv weights take half of bf16's memory. "
+        "SaRA's values, gradients and optimizer state stay fp32.",
     )
     group.add_argument(
         "--enable_xformers_memory_efficient_attention",
