@@ -42,6 +42,16 @@ def mlp_input() -> torch.Tensor:
     return torch.randn(5, 3, 4, 4)
 
 
+def round_layers_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every Linear/Conv2d weight and bias to what `dtype` holds, keeping their dtype: such a model computes what
+    it computes with those layers stored in `dtype` (diffusers' layerwise casting)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None:
+                    tensor.data = tensor.data.to(dtype).to(tensor.dtype)
+
+
 def tiny_unet(sdxl_style: bool = False):
     from diffusers import UNet2DConditionModel
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import MLPConv, tiny_clip_text_model, tiny_sd3_transformer, tiny_unet, unet_inputs
+from conftest import MLPConv, round_layers_to, tiny_clip_text_model, tiny_sd3_transformer, tiny_unet, unet_inputs
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -770,11 +770,7 @@ def test_diffusers_layerwise_casting_keeps_sara_values_and_computes_in_the_compu
     unet = tiny_unet()
     unet.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
     reference = copy.deepcopy(unet)
-    for module in reference.modules():  # the base layers as fp8 storage holds them, computed in fp32
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            for tensor in (module.weight, module.bias):
-                if tensor is not None:
-                    tensor.data = tensor.data.to(torch.float8_e4m3fn).float()
+    round_layers_to(reference, torch.float8_e4m3fn)  # the base layers as fp8 storage holds them, computed in fp32
     values = {name: param.detach().clone() for name, param in unet.named_parameters() if "sara_values" in name}
     indices = {name: buffer.clone() for name, buffer in unet.named_buffers() if "sara_indices" in name}
     unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)

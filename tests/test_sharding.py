@@ -34,6 +34,15 @@ HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
 HELPER = os.path.join(HELPERS, "fsdp2_train.py")
 
 
+def run_on_two_processes(script: str, *script_args: str) -> None:
+    """Run a worker script on two gloo processes with torch.distributed.run, on a free port."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    result = subprocess.run(
+        [*command, script, *script_args], capture_output=True, text=True, timeout=600, env=two_process_env()
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def sara_unet():
     return get_peft_model(tiny_unet(), SaRAConfig(threshold=0.02))
 
@@ -116,15 +125,7 @@ def test_fsdp2_trains_and_saves_what_a_plain_run_does(tmp_path):
         plain = train(str(tmp_path / "plain"), sharded=False)
     finally:
         torch.set_num_threads(threads)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
-    result = subprocess.run(
-        [*command, HELPER, str(tmp_path / "sharded")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=two_process_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_on_two_processes(HELPER, str(tmp_path / "sharded"))
     sharded = torch.load(tmp_path / "sharded" / "report.pt")
     assert plain["frozen_fraction"] > 0 and sharded["frozen_fraction"] == plain["frozen_fraction"]
     assert sharded["frozen_gradient"] == plain["frozen_gradient"] == 0  # clipping and AdamW see none there
@@ -144,16 +145,8 @@ def test_fsdp2_resumes_from_a_distributed_checkpoint_to_the_same_adapter(tmp_pat
     """Model and optimizer through torch.distributed.checkpoint, attach's state (the progressive step's frozen set,
     the step count) through its state_dict: new processes resumed after 2 of 4 steps write the straight run's adapter
     bit for bit (without attach's state they do not: the frozen entries would train again)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     for mode in ("straight", "resume"):
-        result = subprocess.run(
-            [*command, "--master_port", free_port(), os.path.join(HELPERS, "fsdp2_resume.py"), mode, str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=two_process_env(),
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_on_two_processes(os.path.join(HELPERS, "fsdp2_resume.py"), mode, str(tmp_path))
     straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "resume" / "adapter_model.safetensors")
     assert straight.keys() == resumed.keys() and any("sara_values" in key for key in straight)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from conftest import launch_two_cpu_processes, tiny_unet, two_process_env, unet_inputs
+from conftest import launch_two_cpu_processes, round_layers_to, tiny_unet, two_process_env, unet_inputs
 from peft import get_peft_model
 from torch import nn
 
@@ -297,11 +297,7 @@ def test_a_base_stored_in_fp8_trains_what_its_fp32_copy_trains():
     import copy
 
     unet = tiny_unet()
-    for module in unet.modules():  # weights that fp8 holds exactly, so that both runs start from the same base
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            for tensor in (module.weight, module.bias):
-                if tensor is not None:
-                    tensor.data = tensor.data.to(torch.float8_e4m3fn).float()
+    round_layers_to(unet, torch.float8_e4m3fn)  # weights that fp8 holds exactly: both runs start from the same base
     config = SaRAConfig(threshold=0.02, init_weights=False, rank_min_dim=8, lambda_rank=0.2, progressive_step=2)
     unet.add_adapter(config)
     stored_in_fp8 = copy.deepcopy(unet)

@@ -7,33 +7,18 @@ import sys
 
 import torch
 import torch.distributed.checkpoint as dcp
-from peft import get_peft_model
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from conftest import tiny_unet, unet_inputs  # noqa: E402
-
-from peft_sara import SaRAConfig, attach  # noqa: E402
+from conftest import unet_inputs  # noqa: E402
+from helpers.fsdp2_train import sara_training  # noqa: E402
 
 STEPS, CHECKPOINT_AFTER = 4, 2
 
 
-def sharded_training():
-    torch.manual_seed(0)
-    unet = tiny_unet()
-    config = SaRAConfig(threshold=0.02, init_weights=False, rank_min_dim=8, lambda_rank=0.2, progressive_step=2)
-    model = get_peft_model(unet, config)
-    for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
-        fully_shard(block)
-    fully_shard(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    return model, optimizer, attach(model, optimizer)
-
-
 def main(mode: str, output_dir: str) -> None:
     torch.distributed.init_process_group("gloo")
-    model, optimizer, training = sharded_training()
+    model, optimizer, training = sara_training(sharded=True)
     checkpoint = os.path.join(output_dir, "checkpoint")
     first_step = 0
     if mode == "resume":

@@ -15,7 +15,8 @@ from peft_sara import SaRAConfig, attach  # noqa: E402
 from peft_sara.sharding import full_tensor  # noqa: E402
 
 
-def train(output_dir: str, sharded: bool) -> dict:
+def sara_training(sharded: bool):
+    """The tiny SaRA UNet (regulariser on, progressive step after 2 steps), sharded or not, its AdamW and attach."""
     torch.manual_seed(0)
     unet = tiny_unet()
     config = SaRAConfig(threshold=0.02, init_weights=False, rank_min_dim=8, lambda_rank=0.2, progressive_step=2)
@@ -27,7 +28,12 @@ def train(output_dir: str, sharded: bool) -> dict:
             fully_shard(block)
         fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    training = attach(model, optimizer)
+    return model, optimizer, attach(model, optimizer)
+
+
+def train(output_dir: str, sharded: bool) -> dict:
+    model, optimizer, training = sara_training(sharded)
+    unet = model.base_model.model
     losses = []
     for step in range(4):
         loss = model(**unet_inputs(unet, seed=step)).sample.square().mean()
