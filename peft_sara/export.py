@@ -28,6 +28,7 @@ FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for
 EMBEDDINGS_KEYS = ("clip_l", "clip_g")  # a pivotal-tuning embeddings file, as diffusers' advanced scripts write it
 ADAPTER_CONFIG = "adapter_config.json"
+DENOISERS = ("unet", "transformer")  # the components whose layers keep their module paths in every format
 # The relative (Frobenius) error at which a layer counts as reproduced exactly: the directions the export drops at
 # full rank hold less than this share of the update's norm. fp32 factors add about 1e-7 of rounding.
 EXACT_RELATIVE_ERROR = 1e-7
@@ -405,7 +406,7 @@ def _lora_file_contents(
 def _diffusers_name(component: str, module: str) -> str:
     """The diffusers format's key of a layer: the component, then the module path (text encoders' as the tools
     name it)."""
-    return f"{component}.{module if component == 'unet' else _text_model_path(module)}"
+    return f"{component}.{module if component in DENOISERS else _text_model_path(module)}"
 
 
 def _kohya_name(component: str, module: str, sdxl: bool) -> str:
@@ -433,11 +434,18 @@ def _lora_configs(layers: list[LayerExport]) -> dict:
     for component in dict.fromkeys(layer.component for layer in layers):
         ranks = {layer.module: layer.rank for layer in layers if layer.component == component}
         common = _most_common(ranks.values())
-        pattern = {module: r for module, r in ranks.items() if r != common}
+        pattern = {_pattern_key(module, ranks): r for module, r in ranks.items() if r != common}
         config = {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": pattern}
         config["target_modules"] = sorted(ranks)
         metadata.update({f"{component}.{key}": value for key, value in config.items()})
     return metadata
+
+
+def _pattern_key(module: str, modules) -> str:
+    """A layer's key in a LoraConfig's rank and alpha patterns. PEFT matches a key against the end of every layer's
+    name, so the key of a layer whose name ends another one's (Flux's `proj_out` and
+    `single_transformer_blocks.0.proj_out`) is anchored to the start, or the other layer would take its rank."""
+    return f"^{module}" if any(other.endswith(f".{module}") for other in modules) else module
 
 
 def _most_common(values) -> int:

@@ -163,18 +163,22 @@ def _read_new_tokens(
             f"The token embeddings {os.path.basename(path)} and the adapters in {source} are not one whole save (a "
             "save was interrupted): save or train again."
         )
-    wanted = {key: names for key, names in TOKEN_EMBEDDING_KEYS.items() if names[0] in available}
+    # the keys name CLIP encoders; Flux's text_encoder_2 is T5, which takes no new tokens
+    clip_encoders = {
+        key: names for key, names in TOKEN_EMBEDDING_KEYS.items() if _is_clip(getattr(pipeline, names[0], None))
+    }
+    wanted = {key: names for key, names in clip_encoders.items() if names[0] in available}
     missing = sorted(set(wanted) - set(tensors))
-    absent = sorted(key for key in tensors if getattr(pipeline, TOKEN_EMBEDDING_KEYS[key][0], None) is None)
+    absent = sorted(set(tensors) - set(clip_encoders))
     if missing or absent:
         problem = (
             f"no {missing[0]} embeddings for the pipeline's {wanted[missing[0]][0]}"
             if missing
-            else f"{absent[0]} embeddings for a {TOKEN_EMBEDDING_KEYS[absent[0]][0]} the pipeline lacks"
+            else f"{absent[0]} embeddings for a CLIP {TOKEN_EMBEDDING_KEYS[absent[0]][0]} the pipeline lacks"
         )
         raise ValueError(
             f"The token embeddings {os.path.basename(path)} in {source} hold {problem}: they were trained for "
-            "another kind of pipeline (Stable Diffusion: clip_l; SDXL: clip_l and clip_g)."
+            "another kind of pipeline (Stable Diffusion and Flux: clip_l; SDXL: clip_l and clip_g)."
         )
     loads = []
     for key, (encoder_name, tokenizer_name) in wanted.items():
@@ -187,6 +191,11 @@ def _read_new_tokens(
             raise ValueError(f"{encoder_name}: {error}") from error
         loads.append((encoder_name, tokenizer, text_encoder, tokens, tensors[key]))
     return loads
+
+
+def _is_clip(text_encoder: Any) -> bool:
+    """Whether a pipeline's text encoder is one of transformers' CLIP text models (with or without projection)."""
+    return text_encoder is not None and type(text_encoder).__name__.startswith("CLIPText")
 
 
 def _embeddings_file(source: str, saves: dict[str, dict[str, str]], hub_kwargs: dict[str, Any]) -> str | None:

@@ -9,7 +9,9 @@ encoders, and the export's key spellings (diffusers: `unet.<module>.lora_A.weigh
 - ComfyUI (`comfy/lora.py`: `model_lora_keys_unet`, `model_lora_keys_clip`): every layer in the kohya spelling. In
   the diffusers spelling it maps attention projections only under the old attention-processor names
   (`attn1.processor.to_q`, `…processor.to_out`), so `to_q`, `to_k`, `to_v` and `to_out.0` are not loaded, and it does
-  not map `text_encoder_2.text_projection` (commented out there).
+  not map `text_encoder_2.text_projection` (commented out there). A Flux transformer's layers in the diffusers
+  spelling (`transformer.<module>`) it maps through `comfy.utils.flux_to_diffusers`, which names every Linear layer
+  of Flux.1's double and single blocks, embedders and output.
 - AUTOMATIC1111 (`extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis` and the `lora_unet` /
   `lora_te1` fallbacks): the kohya spelling only. It converts an SDXL `up_blocks.0` upsampler with SD 1.x's block
   index (the SD 1.x UNet has no attention in that block, SDXL's has), so that one layer is not found; a text
@@ -31,6 +33,12 @@ BEST_FORMAT = {"diffusers": "diffusers", "ComfyUI": "kohya", "AUTOMATIC1111": "k
 
 _ATTENTION_PROJECTION = re.compile(r"\.to_(q|k|v|out\.0)$")
 _KOHYA_UNET_BLOCK = re.compile(r"(^|\.)((attentions|resnets)\.\d+\.|(downsamplers|upsamplers)\.0\.conv$)")
+_COMFYUI_FLUX_LAYER = re.compile(
+    r"^(x_embedder|context_embedder|proj_out|norm_out\.linear|time_text_embed\.(timestep|guidance|text)_embedder\."
+    r"linear_[12]|transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(_context)?"
+    r"\.linear|ff(_context)?\.net\.(0\.proj|2))|single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|"
+    r"proj_out|norm\.linear))$"
+)
 _CLIP_LAYER = re.compile(r"(^|\.)encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 
 
@@ -55,6 +63,8 @@ def _loads(tool: str, format: str, component: str, module: str, sdxl: bool, pres
             return True
         if component == "unet":
             return not _ATTENTION_PROJECTION.search(module)
+        if component == "transformer":
+            return _COMFYUI_FLUX_LAYER.match(module) is not None
         return _CLIP_LAYER.search(module) is not None
     if format != "kohya":  # AUTOMATIC1111 and kohya sd-scripts read kohya's spelling only
         return False

@@ -247,6 +247,102 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     return folder
 
 
+def tiny_t5_tokenizer():
+    """A T5 tokenizer over printable ASCII characters, built offline from a Unigram vocabulary (pad, eos, unk first,
+    as T5's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(chr(code), -3.0) for code in range(33, 127)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=512,
+    )
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = True):
+    """A complete, tiny FluxPipeline: CLIP (pooled) and T5 text encoders, a 16-channel-latent VAE with Flux's shift
+    and scaling factors, one double-stream and one single-stream block (guidance-distilled as Flux.1 [dev] unless
+    `guidance_embeds=False`, as [schnell]), and the flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    base = tiny_pipeline()
+    # Flux reads CLIP's pooled output, taken at the first end-of-text token: the SD pipelines' tokenizer has no
+    # word-final pieces, so that every word's end would be unknown, i.e. end-of-text, and the pooled output would
+    # see the first word only.
+    characters = [chr(code) for code in range(33, 127)]
+    vocab = {token: index for index, token in enumerate([*characters, "<|startoftext|>", "<|endoftext|>"])}
+    vocab.update({f"{character}</w>": len(vocab) + index for index, character in enumerate(characters)})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer_2 = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=32,  # CLIP's hidden size
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=[4, 4, 8],
+    )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=base.text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A tiny Flux pipeline saved by diffusers: what --pretrained_model_name_or_path loads."""
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    tiny_flux_pipeline().save_pretrained(folder)
+    return folder
+
+
 def generate(pipeline, prompt: str = "a photo of a dog"):
     """The pipeline's images for `prompt` as a numpy array: 2 steps at 32×32 px from seed 0, to compare loads."""
     generator = torch.Generator().manual_seed(0)

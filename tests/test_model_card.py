@@ -46,7 +46,7 @@ def test_a_local_card_loads_from_the_folder_s_absolute_path(tmp_path):
     tokens = {"TOK": ["<s0>", "<s1>"]}
     text = write_model_card(
         str(output), None, str(tmp_path), [], True, instance_prompt="a <s0><s1> dog",
-        new_tokens=tokens, embeddings_file="dog_emb.safetensors", embedding_keys=("clip_l", "clip_g"), sdxl=True,
+        new_tokens=tokens, embeddings_file="dog_emb.safetensors", embedding_keys=("clip_l", "clip_g"), family="sdxl",
         vae_path="madebyollin/sdxl-vae-fp16-fix",
     ).read_text()  # fmt: skip
     metadata = front_matter(text)

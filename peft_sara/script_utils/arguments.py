@@ -279,6 +279,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         "--learning_rate", type=float, default=None, help="Learning rate; default: the paper's 1e-3·exp(-350·θ)."
     )
     group.add_argument(
+        "--text_encoder_lr",
+        type=float,
+        default=None,
+        help="Learning rate of what trains in the text encoders (their adapters, or new tokens); default: "
+        "--learning_rate.",
+    )
+    group.add_argument(
         "--scale_lr", action="store_true", help="Multiply the learning rate by processes × accumulation × batch size."
     )
     group.add_argument(

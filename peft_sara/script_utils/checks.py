@@ -81,8 +81,9 @@ def _at_least(flag: str, value: int, minimum: int) -> None:
 def _check_numbers(args: argparse.Namespace) -> None:
     """Values the optimizer or the loss would accept and silently misuse (a negative clip norm is gradient ascent)."""
     positive = {"max_grad_norm": args.max_grad_norm, "adam_epsilon": args.adam_epsilon, "lr_power": args.lr_power}
-    if args.learning_rate is not None:
-        positive["learning_rate"] = args.learning_rate
+    for flag in ("learning_rate", "text_encoder_lr"):
+        if getattr(args, flag, None) is not None:
+            positive[flag] = getattr(args, flag)
     if args.snr_gamma is not None:
         positive["snr_gamma"] = args.snr_gamma
     for flag, value in positive.items():
@@ -130,6 +131,8 @@ def _check_sara_flags(args: argparse.Namespace) -> None:
             SaRAConfig(threshold=args.text_encoder_threshold)
         except ValueError as error:
             raise UserInputError(f"--text_encoder_threshold: {error}") from error
+    if args.text_encoder_lr is not None and not (args.train_text_encoder or getattr(args, "train_text_encoder_ti", 0)):
+        raise UserInputError("--text_encoder_lr needs --train_text_encoder (or --train_text_encoder_ti).")
     if args.text_encoder_threshold is not None and not args.train_text_encoder:
         raise UserInputError("--text_encoder_threshold needs --train_text_encoder.")
     if args.include_bias and args.export_lora_rank is not None:

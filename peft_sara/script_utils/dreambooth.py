@@ -131,10 +131,10 @@ def prior_preservation_loss(per_sample_loss: torch.Tensor, with_prior: bool, pri
 
 
 def generate_class_images(
-    args: argparse.Namespace, accelerator, sdxl: bool = False, vae_path: str | None = None
+    args: argparse.Namespace, accelerator, family: str = "sd", vae_path: str | None = None
 ) -> None:
     """Fill --class_data_dir up to --num_class_images readable images with the base model's images of
-    --class_prompt, the work split over all processes. `sdxl` loads the base as an SDXL pipeline, with the VAE at
+    --class_prompt, the work split over all processes. `family` says which pipeline the base is, with the VAE at
     `vae_path` when given (the fp16-safe one the run trains with)."""
     from .models import load_pipeline
 
@@ -145,7 +145,7 @@ def generate_class_images(
         return
     precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
     pipeline = load_pipeline(
-        args.pretrained_model_name_or_path, args.revision, args.variant, PRECISIONS[precision], sdxl, vae_path
+        args.pretrained_model_name_or_path, args.revision, args.variant, PRECISIONS[precision], family, vae_path
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     logger.info("Generating %d class images of %r", args.num_class_images - existing, args.class_prompt)

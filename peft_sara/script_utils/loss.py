@@ -13,7 +13,7 @@ from .data import sample_cached_latents
 def encode_latents(vae, images: torch.Tensor, cached: bool, dtype: torch.dtype) -> torch.Tensor:
     """Scaled latents of a batch of images in `dtype`, or drawn from their cached distributions (`--cache_latents`).
     The images are encoded in the VAE's own dtype (SDXL's stays fp32 under mixed precision); a VAE with latent
-    statistics in its config has them normalised out, as its pipeline expects."""
+    statistics or a shift factor (Flux's, SD3's) in its config has them taken out, as its pipeline expects."""
     if cached:
         latents = sample_cached_latents(images.to(vae.device)).to(dtype)
     else:
@@ -23,6 +23,9 @@ def encode_latents(vae, images: torch.Tensor, cached: bool, dtype: torch.dtype) 
         mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
         std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
         latents = (latents - mean) / std
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        latents = latents - shift
     return (latents * vae.config.scaling_factor).to(dtype)
 
 

@@ -10,8 +10,18 @@ from pathlib import Path
 
 import peft_sara
 
-# The licences diffusers' DreamBooth scripts put on their cards; a run inherits its base model's.
-LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++"}
+from .models import PIPELINE_CLASSES
+
+# The licences diffusers' DreamBooth scripts put on their cards (a run inherits its base model's; Flux.1 [dev] has
+# its own non-commercial licence), their family tags, the denoiser's folder and the text encoders that train.
+LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++", "flux": "other"}
+FAMILY_TAGS = {
+    "sd": ["stable-diffusion"],
+    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+    "flux": ["flux", "flux-diffusers"],
+}
+DENOISERS = {"sd": "unet", "sdxl": "unet", "flux": "transformer"}
+TRAINED_TEXT_ENCODERS = {"sd": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder"]}
 
 
 def write_model_card(
@@ -25,17 +35,18 @@ def write_model_card(
     new_tokens: dict[str, list[str]] | None = None,
     embeddings_file: str | None = None,
     embedding_keys: Sequence[str] = ("clip_l",),
-    sdxl: bool = False,
+    family: str = "sd",
     vae_path: str | None = None,
 ) -> Path:
     """Write output_dir/README.md. `repo_id`: the Hub repo the folder is pushed to (None: the card loads from the
     folder's absolute path). With pivotal tuning, `new_tokens` by abstraction, saved in `embeddings_file` under
-    `embedding_keys`. `sdxl`: the base is an SDXL pipeline, sampled with the VAE at `vae_path`."""
+    `embedding_keys`. `family`: the base's kind (a key of PIPELINE_CLASSES), sampled with the VAE at `vae_path`."""
     source = repo_id or str(Path(output_dir).resolve())
     prompt = instance_prompt or validation_prompt or "a photo"
-    pipeline_lines = _pipeline_lines(base_model, sdxl, vae_path)
-    front_matter = _front_matter(output_dir, base_model, images, instance_prompt, validation_prompt, sdxl)
-    folders = ["unet"] + (["text_encoder", "text_encoder_2"] if sdxl else ["text_encoder"]) * train_text_encoder
+    pipeline_lines = _pipeline_lines(base_model, family, vae_path)
+    front_matter = _front_matter(output_dir, base_model, images, instance_prompt, validation_prompt, family)
+    denoiser = DENOISERS[family]
+    folders = [denoiser] + TRAINED_TEXT_ENCODERS[family] * train_text_encoder
     what = f"DreamBooth on `{instance_prompt}`" if instance_prompt else "text-to-image fine-tuning"
     base_link = (
         f"`{base_model}`" if os.path.isdir(base_model) else f"[{base_model}](https://huggingface.co/{base_model})"
@@ -62,12 +73,12 @@ image.save("sara.png")
 ```
 
 The folders {", ".join(f"`{folder}/`" for folder in folders)} are standard PEFT adapters:
-`PeftModel.from_pretrained(pipe.unet, "{source}", subfolder="unet")` loads one of them too, after
+`PeftModel.from_pretrained(pipe.{denoiser}, "{source}", subfolder="{denoiser}")` loads one of them too, after
 `import peft_sara`.
 """
     if new_tokens:
         body += _new_tokens_section(
-            source, repo_id is not None, pipeline_lines, new_tokens, embeddings_file, embedding_keys
+            source, repo_id is not None, pipeline_lines, new_tokens, embeddings_file, embedding_keys, denoiser
         )
     if validation_prompt and images:
         gallery = "\n".join(f"![{path.stem}]({path.relative_to(output_dir).as_posix()})" for path in images)
@@ -83,16 +94,16 @@ def _front_matter(
     images: list[Path],
     instance_prompt: str | None,
     validation_prompt: str | None,
-    sdxl: bool,
+    family: str,
 ) -> str:
     """The Hub's YAML metadata: library, base model, licence, pipeline tag, tags, and a widget of the images."""
     tags = ["sara", "peft", "diffusers", "text-to-image"] + (["dreambooth"] if instance_prompt else [])
-    tags += ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if sdxl else ["stable-diffusion"]
+    tags += FAMILY_TAGS[family]
     lines = [
         "---",
         "library_name: peft",
         f"base_model: {base_model}",
-        f"license: {LICENSES['sdxl' if sdxl else 'sd']}",
+        f"license: {LICENSES[family]}",
         "pipeline_tag: text-to-image",
         "tags:",
         *(f"- {tag}" for tag in tags),
@@ -107,8 +118,8 @@ def _front_matter(
     return "\n".join([*lines, "---"]) + "\n"
 
 
-def _pipeline_lines(base_model: str, sdxl: bool, vae_path: str | None) -> str:
-    pipeline_class = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+def _pipeline_lines(base_model: str, family: str, vae_path: str | None) -> str:
+    pipeline_class = PIPELINE_CLASSES[family]
     if not vae_path:
         return f'from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained("{base_model}")'
     return (
@@ -125,6 +136,7 @@ def _new_tokens_section(
     new_tokens: dict[str, list[str]],
     embeddings_file: str,
     embedding_keys: Sequence[str],
+    denoiser: str,
 ) -> str:
     """How to prompt with the new tokens of pivotal tuning, and how to load them with diffusers' own calls."""
     triggers = "\n".join(f"- `{abstraction}` → `{''.join(tokens)}`" for abstraction, tokens in new_tokens.items())
@@ -156,7 +168,7 @@ diffusers' own textual-inversion loader instead (the file `{embeddings_file}`):
 ```python
 {imports}
 {pipeline_lines}
-peft_sara.load_sara_weights(pipe, "{source}", components=["unet"])  # the adapters without the tokens
+peft_sara.load_sara_weights(pipe, "{source}", components=["{denoiser}"])  # the adapters without the tokens
 state_dict = load_file({file})
 {calls}
 ```

@@ -94,25 +94,34 @@ def load_vae(
         raise UserInputError(f"Could not load the VAE {vae_path or pretrained_model_name_or_path}: {error}") from error
 
 
+# The pipeline class of each family of base models the scripts train.
+PIPELINE_CLASSES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "flux": "FluxPipeline",
+}
+
+
 def load_pipeline(
     pretrained_model_name_or_path: str,
     revision: str | None,
     variant: str | None,
     dtype: torch.dtype = torch.float32,
-    sdxl: bool = False,
+    family: str = "sd",
     vae_path: str | None = None,
 ):
-    """The base pipeline for sampling (class images, final validation): Stable Diffusion without its safety checker,
-    or SDXL with the VAE at `vae_path` when given."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The base pipeline of a `family` (a key of PIPELINE_CLASSES) for sampling (class images, final validation):
+    Stable Diffusion without its safety checker; SDXL with the VAE at `vae_path` when given."""
+    import diffusers
 
     source = {"revision": revision, "variant": variant, "dtype": dtype}
-    if not sdxl:
-        return StableDiffusionPipeline.from_pretrained(
+    pipeline_class = getattr(diffusers, PIPELINE_CLASSES[family])
+    if family == "sd":
+        return pipeline_class.from_pretrained(
             pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False, **source
         )
     extra = {"vae": load_vae(pretrained_model_name_or_path, revision, variant, dtype, vae_path)} if vae_path else {}
-    return StableDiffusionXLPipeline.from_pretrained(pretrained_model_name_or_path, **source, **extra)
+    return pipeline_class.from_pretrained(pretrained_model_name_or_path, **source, **extra)
 
 
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:
@@ -176,14 +185,14 @@ def add_sara_adapter(model: torch.nn.Module, config: SaRAConfig, what: str) -> N
 
 
 def make_optimizer(
-    params: list[torch.nn.Parameter],
+    params: list[torch.nn.Parameter] | list[dict[str, Any]],
     learning_rate: float,
     betas: tuple[float, float],
     weight_decay: float,
     epsilon: float,
     use_8bit_adam: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW (8-bit from bitsandbytes with `use_8bit_adam`) over the given parameters."""
+    """AdamW (8-bit from bitsandbytes with `use_8bit_adam`) over the given parameters or parameter groups."""
     if use_8bit_adam:
         import bitsandbytes
 

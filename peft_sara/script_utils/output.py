@@ -162,11 +162,13 @@ def finish_output(
     instance_prompt: str | None = None,
     new_tokens: dict[str, list[str]] | None = None,
     embedding_keys: Sequence[str] = ("clip_l",),
-    sdxl: bool = False,
+    family: str = "sd",
     vae_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """After the adapters are saved: their LoRA export if asked for, final images from a fresh pipeline loaded with
-    them, model card, Hub upload. `sdxl` and `vae_path` say how the base pipeline loads (`models.load_pipeline`)."""
+    them, model card, Hub upload. `family`, `vae_path` and `dtype` say how the base pipeline loads
+    (`models.load_pipeline`)."""
     from .validation import final_validation
 
     if args.export_lora_rank is not None:
@@ -179,8 +181,9 @@ def finish_output(
         args.output_dir,
         validation,
         step,
-        sdxl,
+        family,
         vae_path,
+        dtype,
     )
     repo_id = None
     if args.push_to_hub:  # the card names the repo the Hub created, namespace included
@@ -196,7 +199,7 @@ def finish_output(
         new_tokens=new_tokens,
         embeddings_file=embeddings_file_name(args.output_dir),
         embedding_keys=embedding_keys,
-        sdxl=sdxl,
+        family=family,
         vae_path=vae_path,
     )
     if repo_id is not None:

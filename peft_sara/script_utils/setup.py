@@ -80,17 +80,27 @@ def prepare_optimization(
     max_train_steps: int,
 ):
     """AdamW over the models' trainable (SaRA) parameters and its schedule, all passed through accelerate's prepare.
+    With --text_encoder_lr, what trains in the models named text_encoder* has that learning rate.
 
     Returns the prepared models (same keys), their trainable parameters, optimizer, data loader and schedule. The
     schedule steps once per process and optimizer step, so its lengths are multiplied by the number of processes.
     """
     from diffusers.optimization import get_scheduler
 
-    params = [param for model in models.values() for param in model.parameters() if param.requires_grad]
+    trainable = {name: [p for p in model.parameters() if p.requires_grad] for name, model in models.items()}
+    params = [param for model_params in trainable.values() for param in model_params]
+    lr_scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        learning_rate *= lr_scale
+    groups = params
+    if args.text_encoder_lr is not None:
+        text_encoder_lr = args.text_encoder_lr * (lr_scale if args.scale_lr else 1)
+        by_kind = {True: [], False: []}  # in the text encoders or not
+        for name, model_params in trainable.items():
+            by_kind[name.startswith("text_encoder")] += model_params
+        groups = [{"params": by_kind[False]}, {"params": by_kind[True], "lr": text_encoder_lr}]
     optimizer = make_optimizer(
-        params,
+        groups,
         learning_rate,
         (args.adam_beta1, args.adam_beta2),
         args.adam_weight_decay,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,17 +30,19 @@ class ValidationSettings:
 
 
 def generate_validation_images(
-    pipeline, settings: ValidationSettings, dtype: torch.dtype = torch.float32
+    pipeline, settings: ValidationSettings, dtype: torch.dtype = torch.float32, prompt_inputs: dict | None = None
 ) -> list[Image.Image]:
     """The validation images of `settings`. The components keep their dtypes (the training UNet is shared); under
-    mixed precision the sampling runs under autocast, as training does."""
+    mixed precision the sampling runs under autocast, as training does. `prompt_inputs` (e.g. the prompt's
+    embeddings, where a text encoder is no longer loaded) replace the prompt."""
+    prompt_inputs = prompt_inputs or {"prompt": settings.prompt}
     generator = torch.Generator(device="cpu").manual_seed(settings.seed if settings.seed is not None else 0)
     pipeline.set_progress_bar_config(disable=True)
     autocast = torch.autocast(pipeline.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
         return [
             pipeline(
-                settings.prompt,
+                **prompt_inputs,
                 num_inference_steps=settings.num_inference_steps,
                 generator=generator,
                 height=settings.resolution,
@@ -104,9 +107,34 @@ def in_training_validator(
     text_encoder_2=None,
     tokenizer_2=None,
 ) -> Callable[[int], None]:
+    """`sampling_validator` of a Stable Diffusion run: a text encoder found in `models` is the trained one. SDXL
+    passes its second text encoder and tokenizer."""
+
+    def make_pipeline(unwrapped: dict[str, torch.nn.Module]):
+        return validation_pipeline(
+            vae,
+            unwrapped.get("text_encoder", text_encoder),
+            tokenizer,
+            unwrapped["unet"],
+            noise_scheduler,
+            unwrapped.get("text_encoder_2", text_encoder_2),
+            tokenizer_2,
+        )
+
+    return sampling_validator(accelerator, models, make_pipeline, settings, output_dir)
+
+
+def sampling_validator(
+    accelerator,
+    models: dict[str, torch.nn.Module],
+    make_pipeline: Callable[[dict[str, torch.nn.Module]], Any],
+    settings: ValidationSettings,
+    output_dir: str,
+    prompt_inputs: Callable[[], dict] | None = None,
+) -> Callable[[int], None]:
     """`validate(step)` for the loop: samples the validation prompt with the models in training (main process), then
-    puts them back in training mode. `models` are the prepared ones; a text encoder found there is the trained one.
-    SDXL passes its second text encoder and tokenizer."""
+    puts them back in training mode. `models` are the prepared ones; `make_pipeline` builds a pipeline around them,
+    unwrapped, and `prompt_inputs()` gives what replaces the prompt in its call."""
     from .models import weight_dtype_of
 
     def validate(step: int) -> None:
@@ -115,16 +143,10 @@ def in_training_validator(
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
         for model in unwrapped.values():
             model.eval()
-        pipeline = validation_pipeline(
-            vae,
-            unwrapped.get("text_encoder", text_encoder),
-            tokenizer,
-            unwrapped["unet"],
-            noise_scheduler,
-            unwrapped.get("text_encoder_2", text_encoder_2),
-            tokenizer_2,
-        ).to(accelerator.device)
-        images = generate_validation_images(pipeline, settings, weight_dtype_of(accelerator.mixed_precision))
+        pipeline = make_pipeline(unwrapped).to(accelerator.device)
+        dtype = weight_dtype_of(accelerator.mixed_precision)
+        inputs = prompt_inputs() if prompt_inputs is not None else None
+        images = generate_validation_images(pipeline, settings, dtype, inputs)
         log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
         for model in unwrapped.values():
             model.train()
@@ -140,18 +162,20 @@ def final_validation(
     output_dir: str,
     settings: ValidationSettings,
     step: int,
-    sdxl: bool = False,
+    family: str = "sd",
     vae_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
-    """Images of the saved adapters, loaded as a user loads them into a fresh pipeline (none without a prompt)."""
+    """Images of the saved adapters, loaded as a user loads them into a fresh pipeline in `dtype` (none without a
+    prompt)."""
     from ..loading import load_sara_weights
     from .models import load_pipeline
 
     if not settings.prompt:
         return []
-    pipeline = load_pipeline(base_model, revision, variant, sdxl=sdxl, vae_path=vae_path)
+    pipeline = load_pipeline(base_model, revision, variant, dtype, family, vae_path)
     load_sara_weights(pipeline, output_dir)
     pipeline.to(accelerator.device)
     return log_validation(
-        accelerator.trackers, generate_validation_images(pipeline, settings), output_dir, "final", step
+        accelerator.trackers, generate_validation_images(pipeline, settings, dtype), output_dir, "final", step
     )
