@@ -324,6 +324,7 @@ def tiny_flux_pipeline(guidance_embeds: bool = True):
         guidance_embeds=guidance_embeds,
         axes_dims_rope=[4, 4, 8],
     )
+    t5.eval()  # as from_pretrained returns it: T5's dropout is on in training mode
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fake_hub_repo, generate, tiny_pipeline
+from conftest import fake_hub_repo, generate, tiny_flux_pipeline, tiny_pipeline
 from peft import LoraConfig, get_peft_model
 
 from peft_sara import SaRAConfig, SaRALayer, load_sara_weights
@@ -287,7 +287,7 @@ def test_sdxl_tokens_go_to_both_tokenizers_and_text_encoders(tmp_path):
     with pytest.raises(ValueError, match="no clip_g embeddings for the pipeline's text_encoder_2"):
         pivotal_output(tmp_path / "sd", keys=("clip_l",))
         load_sara_weights(sdxl_like_pipeline(), str(tmp_path / "sd"))
-    with pytest.raises(ValueError, match="clip_g embeddings for a text_encoder_2 the pipeline lacks"):
+    with pytest.raises(ValueError, match="clip_g embeddings for a CLIP text_encoder_2 the pipeline lacks"):
         load_sara_weights(tiny_pipeline(), str(tmp_path / "out"))
 
 
@@ -396,3 +396,23 @@ def test_sara_and_a_lora_stack_in_a_pipeline(trained_output, tmp_path, lora_firs
     pipeline.unfuse_lora()
     pipeline.disable_lora()
     np.testing.assert_allclose(generate(pipeline), base_images, atol=2e-5)
+
+
+def test_a_flux_output_s_clip_tokens_go_to_clip_and_none_to_t5(tmp_path):
+    """Flux's text_encoder_2 is T5, which takes no new tokens: clip_l goes to CLIP, and clip_g rows are refused."""
+    from peft_sara.script_utils.output import save_adapters
+
+    trained = tiny_flux_pipeline()
+    trained.transformer.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+    rows = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 32)}
+    for keys, folder in ((["clip_l"], "flux"), (["clip_l", "clip_g"], "sdxl-tokens")):
+        embeddings = {key: rows[key] for key in keys}
+        save_adapters(str(tmp_path / folder), {"transformer": trained.transformer}, token_embeddings=embeddings,
+                      tokens=["<s0>", "<s1>"])  # fmt: skip
+    pipeline = tiny_flux_pipeline()
+    assert load_sara_weights(pipeline, str(tmp_path / "flux")) == ["transformer"]
+    ids = pipeline.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
+    assert torch.equal(pipeline.text_encoder.get_input_embeddings().weight[ids], rows["clip_l"])
+    assert "<s0>" not in pipeline.tokenizer_2.get_vocab()
+    with pytest.raises(ValueError, match="clip_g embeddings for a CLIP text_encoder_2 the pipeline lacks"):
+        load_sara_weights(tiny_flux_pipeline(), str(tmp_path / "sdxl-tokens"))

@@ -206,3 +206,15 @@ def test_the_known_gaps_are_named():
     diffusers = unloaded_layers("diffusers", layers, sdxl=False)
     assert len(diffusers["ComfyUI"]) == 128 and all(".attn" in name for name in diffusers["ComfyUI"])
     assert len(diffusers["AUTOMATIC1111"]) == len(diffusers["kohya sd-scripts"]) == len(layers)
+
+
+def test_comfyui_maps_every_linear_layer_of_a_flux_transformer_in_the_diffusers_spelling():
+    """comfy.utils.flux_to_diffusers names each of Flux.1's Linear layers (fused into its qkv and linear1 weights);
+    a module outside that map is reported."""
+    from conftest import tiny_flux_pipeline
+
+    transformer = tiny_flux_pipeline().transformer
+    layers = [("transformer", name) for name, module in transformer.named_modules() if isinstance(module, nn.Linear)]
+    assert len(layers) == 30
+    unloaded = unloaded_layers("diffusers", [*layers, ("transformer", "extra_adapter.linear")], sdxl=False)
+    assert unloaded["diffusers"] == [] and unloaded["ComfyUI"] == ["transformer.extra_adapter.linear"]

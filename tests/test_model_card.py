@@ -66,3 +66,18 @@ def test_the_folders_listed_are_the_adapted_components(tmp_path):
     text = write_model_card(str(tmp_path), "me/dog", "org/base", [], True, instance_prompt="sks dog").read_text()
     assert "`unet/`, `text_encoder/`" in text and "text_encoder_2" not in text
     assert Path(tmp_path, "README.md").is_file()
+
+
+def test_a_flux_card_names_its_pipeline_transformer_and_licence(tmp_path):
+    text = write_model_card(
+        str(tmp_path), "me/flux-dog", "black-forest-labs/FLUX.1-dev", [], True, instance_prompt="a sks dog",
+        family="flux",
+    ).read_text()  # fmt: skip
+    metadata = front_matter(text)
+    assert metadata["license"] == "other" and {"flux", "flux-diffusers", "dreambooth"} <= set(metadata["tags"])
+    (block,) = python_blocks(text)
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")' in block
+    assert (
+        "`transformer/`, `text_encoder/`" in text
+        and 'PeftModel.from_pretrained(pipe.transformer, "me/flux-dog"' in text
+    )

@@ -34,6 +34,7 @@ def optimizer_flags(**changes) -> argparse.Namespace:
         lr_warmup_steps=0,
         lr_num_cycles=1,
         lr_power=1.0,
+        text_encoder_lr=None,
     )
     return argparse.Namespace(**{**flags, **changes})
 
@@ -69,3 +70,24 @@ def test_gradient_checkpointing_reaches_every_trained_text_encoder():
     single = tiny_clip_text_model()
     enable_memory_savings(tiny_unet(), single, gradient_checkpointing=True, xformers=False, train_text_encoder=False)
     assert not single.is_gradient_checkpointing, "a frozen text encoder is not checkpointed"
+
+
+def test_text_encoder_lr_gives_the_text_encoders_values_their_own_rate(accelerator):
+    from conftest import tiny_clip_text_model
+
+    from peft_sara.script_utils.models import add_sara_adapter
+
+    unet, text_encoder = tiny_unet(), tiny_clip_text_model()
+    for model in (unet, text_encoder):
+        model.requires_grad_(False)
+        add_sara_adapter(model, peft_sara.SaRAConfig(threshold=0.02), "model")
+    data = torch.utils.data.DataLoader(list(range(4)), batch_size=1)
+    flags = optimizer_flags(text_encoder_lr=1e-5, scale_lr=True)
+    _, params, optimizer, _, _ = prepare_optimization(
+        accelerator, {"unet": unet, "text_encoder": text_encoder}, data, 1e-4, flags, max_train_steps=10
+    )
+    unet_group, text_group = optimizer.param_groups
+    assert unet_group["lr"] == pytest.approx(1e-4 * 8) and text_group["lr"] == pytest.approx(1e-5 * 8)
+    assert {id(p) for p in text_group["params"]} == {id(p) for p in text_encoder.parameters() if p.requires_grad}
+    assert len(params) == len(unet_group["params"]) + len(text_group["params"])
+    assert peft_sara.attach([unet, text_encoder], optimizer) is not None, "SaRA trains with the two groups"

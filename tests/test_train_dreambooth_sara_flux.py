@@ -214,3 +214,26 @@ def test_bad_input_is_one_error_line_and_status_2_before_models_load(flux_args, 
         "transformer/): train Stable Diffusion with scripts/train_dreambooth_sara.py, SDXL with "
         "scripts/train_dreambooth_sara_sdxl.py."
     ]
+
+
+def test_t5_is_released_before_training_starts(flux_args, tmp_path):
+    import gc
+    import weakref
+
+    script = load_script(SCRIPT_NAME)
+    t5_refs, alive_during_training = [], []
+
+    class RecordedPrompts(script.FluxPrompts):
+        def __init__(self, tokenizers, text_encoders, *args, **kwargs):
+            super().__init__(tokenizers, text_encoders, *args, **kwargs)
+            t5_refs.append(weakref.ref(text_encoders[1]))
+
+    class CheckedLoss(script.FluxDenoisingLoss):
+        def __call__(self, batch):
+            gc.collect()
+            alive_during_training.append(t5_refs[0]() is not None)
+            return super().__call__(batch)
+
+    script.FluxPrompts, script.FluxDenoisingLoss = RecordedPrompts, CheckedLoss
+    script.main(flux_args + ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "2"])
+    assert alive_during_training == [False, False], "T5's memory is free while the transformer trains"
