@@ -11,7 +11,9 @@ encoders, and the export's key spellings (diffusers: `unet.<module>.lora_A.weigh
   (`attn1.processor.to_q`, `…processor.to_out`), so `to_q`, `to_k`, `to_v` and `to_out.0` are not loaded, and it does
   not map `text_encoder_2.text_projection` (commented out there). A Flux transformer's layers in the diffusers
   spelling (`transformer.<module>`) it maps through `comfy.utils.flux_to_diffusers`, which names every Linear layer
-  of Flux.1's double and single blocks, embedders and output.
+  of Flux.1's double and single blocks, embedders and output; an SD3 transformer's through
+  `comfy.utils.mmdit_to_diffusers`, which names the joint blocks' projections, embedders and output (not SD 3.5's
+  second attention, `attn2`).
 - AUTOMATIC1111 (`extensions-builtin/Lora/networks.py`: `convert_diffusers_name_to_compvis` and the `lora_unet` /
   `lora_te1` fallbacks): the kohya spelling only. It converts an SDXL `up_blocks.0` upsampler with SD 1.x's block
   index (the SD 1.x UNet has no attention in that block, SDXL's has), so that one layer is not found; a text
@@ -39,6 +41,11 @@ _COMFYUI_FLUX_LAYER = re.compile(
     r"\.linear|ff(_context)?\.net\.(0\.proj|2))|single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp|"
     r"proj_out|norm\.linear))$"
 )
+_COMFYUI_SD3_LAYER = re.compile(
+    r"^(pos_embed\.proj|context_embedder|proj_out|norm_out\.linear|time_text_embed\.(timestep|text)_embedder\.linear_"
+    r"[12]|transformer_blocks\.\d+\.(attn\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)|norm1(_context)?\.linear|"
+    r"ff(_context)?\.net\.(0\.proj|2)))$"
+)
 _CLIP_LAYER = re.compile(r"(^|\.)encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
 
 
@@ -64,7 +71,8 @@ def _loads(tool: str, format: str, component: str, module: str, sdxl: bool, pres
         if component == "unet":
             return not _ATTENTION_PROJECTION.search(module)
         if component == "transformer":
-            return _COMFYUI_FLUX_LAYER.match(module) is not None
+            is_flux = any(name.startswith(("single_transformer_blocks.", "x_embedder")) for _, name in present)
+            return (_COMFYUI_FLUX_LAYER if is_flux else _COMFYUI_SD3_LAYER).match(module) is not None
         return _CLIP_LAYER.search(module) is not None
     if format != "kohya":  # AUTOMATIC1111 and kohya sd-scripts read kohya's spelling only
         return False
@@ -90,7 +98,9 @@ def summary_lines(unloaded: dict[str, list[str]], format: str, total: int) -> li
         if not layers:
             lines.append(f"  {tool}: loads all {total} layers")
             continue
-        fix = f"; format='{BEST_FORMAT[tool]}' loads more" if BEST_FORMAT[tool] != format else ""
+        # the kohya format names UNet and text-encoder layers only
+        kohya_helps = not all(layer.startswith("transformer.") for layer in layers)
+        fix = f"; format='{BEST_FORMAT[tool]}' loads more" if BEST_FORMAT[tool] != format and kohya_helps else ""
         shown = ", ".join(layers[:4]) + (" ..." if len(layers) > 4 else "")
         lines.append(f"  {tool}: will NOT load {len(layers)} of {total} layers ({shown}){fix}")
     return lines

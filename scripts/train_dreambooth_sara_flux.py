@@ -54,11 +54,16 @@ from peft_sara.script_utils.dreambooth import (
     generate_class_images,
     prior_preservation_loss,
 )
-from peft_sara.script_utils.flow_matching import FlowMatching, add_flow_matching_arguments
+from peft_sara.script_utils.flow_matching import (
+    FlowMatching,
+    add_flow_matching_arguments,
+    check_flow_matching_arguments,
+)
 from peft_sara.script_utils.flux import (
     MAX_SEQUENCE_LENGTH,
     FluxDenoisingLoss,
-    FluxPrompts,
+    flux_prompts,
+    flux_validation_inputs,
     flux_validation_pipeline,
     load_flux_base_models,
 )
@@ -69,9 +74,6 @@ from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
 from peft_sara.script_utils.stopping import text_encoder_schedules
 from peft_sara.script_utils.validation import ValidationSettings, sampling_validator
-
-# Flags of the Stable Diffusion scripts' noise-prediction loss, which flow matching does not have.
-NOISE_PREDICTION_FLAGS = ("snr_gamma", "noise_offset", "prediction_type")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -115,20 +117,12 @@ def check_args(args: argparse.Namespace) -> None:
             f"--pretrained_model_name_or_path {base} is not a Flux pipeline (it has no transformer/): train Stable "
             "Diffusion with scripts/train_dreambooth_sara.py, SDXL with scripts/train_dreambooth_sara_sdxl.py."
         )
-    if args.resolution % 16:
+    if os.path.isdir(os.path.join(base, "text_encoder_3")):
         raise UserInputError(
-            f"--resolution must be a multiple of 16 for Flux (the VAE downsamples by 8, then latents are packed 2x2), "
-            f"got {args.resolution}."
+            f"--pretrained_model_name_or_path {base} is an SD3 pipeline (it has text_encoder_3/): train it with "
+            "scripts/train_dreambooth_sara_sd3.py."
         )
-    if not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
-        raise UserInputError(
-            f"--max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH}, got {args.max_sequence_length}."
-        )
-    if noise_prediction_flags := sorted(args.explicit & set(NOISE_PREDICTION_FLAGS)):
-        raise UserInputError(
-            f"--{noise_prediction_flags[0]} belongs to noise prediction, which Flux does not train with: drop it "
-            "(flow matching weights its loss with --weighting_scheme)."
-        )
+    check_flow_matching_arguments(args, "Flux", MAX_SEQUENCE_LENGTH)
     check_dreambooth_arguments(args)
     # New Code #
     # Pivotal tuning: TOK in the prompts stands for new CLIP tokens <s0><s1>... (a prompt without it is refused here).
@@ -177,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # End of new code #
         # T5's embeddings of the run's prompts, once; T5 then leaves the run, freeing its memory.
         clip_trains = args.train_text_encoder or new_tokens is not None
-        prompts = FluxPrompts(
+        prompts = flux_prompts(
             tokenizers,
             text_encoders,
             {"instance": args.instance_prompt, "class": args.class_prompt, "validation": args.validation_prompt},
@@ -255,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             flux_validation_pipeline(vae, clip, clip_tokenizer, noise_scheduler),
             validation,
             args.output_dir,
-            prompt_inputs=lambda: prompts.validation_inputs(clip),
+            prompt_inputs=lambda: flux_validation_inputs(prompts, clip),
         )
         denoising_loss = FluxDenoisingLoss(
             vae,

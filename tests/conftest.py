@@ -268,37 +268,36 @@ def tiny_t5_tokenizer():
     )
 
 
-def tiny_flux_pipeline(guidance_embeds: bool = True):
-    """A complete, tiny FluxPipeline: CLIP (pooled) and T5 text encoders, a 16-channel-latent VAE with Flux's shift
-    and scaling factors, one double-stream and one single-stream block (guidance-distilled as Flux.1 [dev] unless
-    `guidance_embeds=False`, as [schnell]), and the flow-matching scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+def tiny_pooling_clip_tokenizer():
+    """A character-level CLIP tokenizer with word-final pieces, for pipelines that read CLIP's pooled output (Flux,
+    SD3), taken at the first end-of-text token: the SD pipelines' tokenizer has no word-final pieces, so every word's
+    end would be unknown, i.e. end-of-text, and the pooled output would see the first word only."""
+    from transformers import CLIPTokenizer
 
-    base = tiny_pipeline()
-    # Flux reads CLIP's pooled output, taken at the first end-of-text token: the SD pipelines' tokenizer has no
-    # word-final pieces, so that every word's end would be unknown, i.e. end-of-text, and the pooled output would
-    # see the first word only.
     characters = [chr(code) for code in range(33, 127)]
     vocab = {token: index for index, token in enumerate([*characters, "<|startoftext|>", "<|endoftext|>"])}
     vocab.update({f"{character}</w>": len(vocab) + index for index, character in enumerate(characters)})
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    tokenizer_2 = tiny_t5_tokenizer()
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_t5(vocab_size: int, width: int):
+    """A tiny T5 encoder in eval mode, as from_pretrained returns it (T5's dropout is on in training mode)."""
+    from transformers import T5Config, T5EncoderModel
+
     torch.manual_seed(0)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_heads=4,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    vae = AutoencoderKL(
+    config = T5Config(
+        vocab_size=vocab_size, d_model=width, d_ff=2 * width, d_kv=8, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def tiny_vae(**flow_matching_factors):
+    """The tiny pipelines' 4-channel VAE (downsampling by 2) with Flux's or SD3's shift and scaling factors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -307,11 +306,68 @@ def tiny_flux_pipeline(guidance_embeds: bool = True):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
         use_quant_conv=False,
         use_post_quant_conv=False,
+        **flow_matching_factors,
     )
+
+
+def tiny_sd3_pipeline():
+    """A complete, tiny StableDiffusion3Pipeline: two CLIP encoders with projections (pooled side by side: 64 wide),
+    T5 as wide as their hidden states side by side, a VAE with SD3's shift and scaling factors, a two-layer
+    transformer and the flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    config = tiny_clip_text_model().config
+    torch.manual_seed(0)
+    clip_l, clip_g = CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
+    tokenizer, t5_tokenizer = tiny_pooling_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width: both CLIP encoders' hidden states side by side
+        caption_projection_dim=16,
+        pooled_projection_dim=64,  # both CLIP encoders' projections side by side
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer,
+        text_encoder_3=tiny_t5(len(t5_tokenizer), 64),
+        tokenizer_3=t5_tokenizer,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_dir(tmp_path_factory):
+    """A tiny SD3 pipeline saved by diffusers: what --pretrained_model_name_or_path loads."""
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3_pipeline().save_pretrained(folder)
+    return folder
+
+
+def tiny_flux_pipeline(guidance_embeds: bool = True):
+    """A complete, tiny FluxPipeline: CLIP (pooled) and T5 text encoders, a VAE with Flux's shift and scaling
+    factors, one double-stream and one single-stream block (guidance-distilled as Flux.1 [dev] unless
+    `guidance_embeds=False`, as [schnell]), and the flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    base = tiny_pipeline()
+    tokenizer, tokenizer_2 = tiny_pooling_clip_tokenizer(), tiny_t5_tokenizer()
+    t5 = tiny_t5(len(tokenizer_2), 32)
+    vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels packed 2x2
@@ -324,7 +380,6 @@ def tiny_flux_pipeline(guidance_embeds: bool = True):
         guidance_embeds=guidance_embeds,
         axes_dims_rope=[4, 4, 8],
     )
-    t5.eval()  # as from_pretrained returns it: T5's dropout is on in training mode
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=vae,

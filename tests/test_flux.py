@@ -7,27 +7,27 @@ import torch
 from conftest import tiny_flux_pipeline
 
 from peft_sara.script_utils.flow_matching import FlowMatching
-from peft_sara.script_utils.flux import FluxDenoisingLoss, FluxPrompts
+from peft_sara.script_utils.flux import FluxDenoisingLoss, flux_prompts
 
 
 def test_prompts_are_encoded_as_the_pipeline_encodes_them():
     pipeline = tiny_flux_pipeline()
     prompts = {"instance": "a photo of sks dog", "class": "a photo of dog", "validation": None}
     tokenizers, encoders = [pipeline.tokenizer, pipeline.tokenizer_2], [pipeline.text_encoder, pipeline.text_encoder_2]
-    encoded = FluxPrompts(tokenizers, encoders, prompts, 24, clip_trains=False)
-    assert sorted(encoded.hidden_states) == ["class", "instance"]
+    encoded = flux_prompts(tokenizers, encoders, prompts, 24, clip_trains=False)
+    assert sorted(encoded.t5) == ["class", "instance"]
     for kind in ("instance", "class"):
         hidden_states, pooled, _ = pipeline.encode_prompt(prompts[kind], None, max_sequence_length=24)
-        torch.testing.assert_close(encoded.hidden_states[kind], hidden_states)
-        torch.testing.assert_close(encoded.pooled[kind], pooled)
-    batch_hidden, batch_pooled = encoded.batch(["instance", "instance", "class"], None, None)
+        torch.testing.assert_close(encoded.t5[kind], hidden_states)
+        torch.testing.assert_close(encoded.clip[kind][0], pooled)
+    batch_hidden, (batch_pooled,) = encoded.batch(["instance", "instance", "class"], [None], [None])
     assert batch_hidden.shape == (3, 24, 32) and batch_pooled.shape == (3, 32)
-    torch.testing.assert_close(batch_pooled[2], encoded.pooled["class"][0])
+    torch.testing.assert_close(batch_pooled[2], encoded.clip["class"][0][0])
     # where CLIP trains, its pooled output is computed per batch, from the batch's token ids
-    trained = FluxPrompts(tokenizers, encoders, prompts, 24, clip_trains=True)
-    assert trained.pooled == {}
+    trained = flux_prompts(tokenizers, encoders, prompts, 24, clip_trains=True)
+    assert trained.clip == {}
     ids = pipeline.tokenizer([prompts["class"]], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    torch.testing.assert_close(trained.batch(["class"], pipeline.text_encoder, ids)[1], encoded.pooled["class"])
+    torch.testing.assert_close(trained.batch(["class"], [pipeline.text_encoder], [ids])[1], encoded.clip["class"])
 
 
 class VelocityOracle(torch.nn.Module):
@@ -46,7 +46,7 @@ def test_the_loss_feeds_the_transformer_what_the_pipeline_feeds_it_and_targets_t
     from diffusers import FluxPipeline
 
     pipeline = tiny_flux_pipeline()
-    prompts = FluxPrompts(
+    prompts = flux_prompts(
         [pipeline.tokenizer, pipeline.tokenizer_2],
         [pipeline.text_encoder, pipeline.text_encoder_2],
         {"instance": "a photo of sks dog", "class": "a photo of dog"},
@@ -88,6 +88,6 @@ def test_the_loss_feeds_the_transformer_what_the_pipeline_feeds_it_and_targets_t
     torch.testing.assert_close(seen["img_ids"], image_ids)
     assert seen["txt_ids"].shape == (16, 3) and not seen["txt_ids"].any()
     torch.testing.assert_close(seen["guidance"], torch.full((4,), 3.5))
-    torch.testing.assert_close(seen["encoder_hidden_states"][1], prompts.hidden_states["instance"][0])
-    torch.testing.assert_close(seen["encoder_hidden_states"][2], prompts.hidden_states["class"][0])
-    torch.testing.assert_close(seen["pooled_projections"][3], prompts.pooled["class"][0])
+    torch.testing.assert_close(seen["encoder_hidden_states"][1], prompts.t5["instance"][0])
+    torch.testing.assert_close(seen["encoder_hidden_states"][2], prompts.t5["class"][0])
+    torch.testing.assert_close(seen["pooled_projections"][3], prompts.clip["class"][0][0])

@@ -17,7 +17,7 @@ from torch import nn
 
 from benchmarks.benchmark import unet_config
 from peft_sara.export import _diffusers_name, _kohya_name
-from peft_sara.lora_tools import TOOLS, unloaded_layers
+from peft_sara.lora_tools import TOOLS, summary_lines, unloaded_layers
 
 CLIP_MAP = {
     "mlp.fc1": "mlp_fc1",
@@ -218,3 +218,18 @@ def test_comfyui_maps_every_linear_layer_of_a_flux_transformer_in_the_diffusers_
     assert len(layers) == 30
     unloaded = unloaded_layers("diffusers", [*layers, ("transformer", "extra_adapter.linear")], sdxl=False)
     assert unloaded["diffusers"] == [] and unloaded["ComfyUI"] == ["transformer.extra_adapter.linear"]
+
+
+def test_comfyui_maps_an_sd3_transformer_s_joint_blocks_in_the_diffusers_spelling():
+    """comfy.utils.mmdit_to_diffusers names SD3's layers; SD 3.5's second attention (attn2) it does not."""
+    from conftest import tiny_sd3_pipeline
+
+    transformer = tiny_sd3_pipeline().transformer
+    layers = [
+        ("transformer", name) for name, module in transformer.named_modules() if type(module) in (nn.Linear, nn.Conv2d)
+    ]
+    assert ("transformer", "pos_embed.proj") in layers
+    unloaded = unloaded_layers("diffusers", [*layers, ("transformer", "transformer_blocks.0.attn2.to_q")], sdxl=False)
+    assert unloaded["ComfyUI"] == ["transformer.transformer_blocks.0.attn2.to_q"]
+    summary = "\n".join(summary_lines(unloaded, "diffusers", len(layers) + 1))
+    assert "format='kohya'" not in summary, "the kohya format holds no transformer layers"

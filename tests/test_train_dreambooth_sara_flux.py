@@ -223,10 +223,11 @@ def test_t5_is_released_before_training_starts(flux_args, tmp_path):
     script = load_script(SCRIPT_NAME)
     t5_refs, alive_during_training = [], []
 
-    class RecordedPrompts(script.FluxPrompts):
-        def __init__(self, tokenizers, text_encoders, *args, **kwargs):
-            super().__init__(tokenizers, text_encoders, *args, **kwargs)
-            t5_refs.append(weakref.ref(text_encoders[1]))
+    encode = script.flux_prompts
+
+    def recorded_prompts(tokenizers, text_encoders, *args, **kwargs):
+        t5_refs.append(weakref.ref(text_encoders[1]))
+        return encode(tokenizers, text_encoders, *args, **kwargs)
 
     class CheckedLoss(script.FluxDenoisingLoss):
         def __call__(self, batch):
@@ -234,6 +235,6 @@ def test_t5_is_released_before_training_starts(flux_args, tmp_path):
             alive_during_training.append(t5_refs[0]() is not None)
             return super().__call__(batch)
 
-    script.FluxPrompts, script.FluxDenoisingLoss = RecordedPrompts, CheckedLoss
+    script.flux_prompts, script.FluxDenoisingLoss = recorded_prompts, CheckedLoss
     script.main(flux_args + ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "2"])
     assert alive_during_training == [False, False], "T5's memory is free while the transformer trains"

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cli import UserInputError
+
 # diffusers' schemes: a timestep density (logit_normal, mode) or a loss weighting (sigma_sqrt, cosmap), or neither
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
 
@@ -25,6 +27,29 @@ def add_flow_matching_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal scheme.")
     group.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit_normal scheme.")
     group.add_argument("--mode_scale", type=float, default=1.29, help="Scale of the mode scheme.")
+
+
+# Flags of the Stable Diffusion scripts' noise-prediction loss, which flow matching does not have.
+NOISE_PREDICTION_FLAGS = ("snr_gamma", "noise_offset", "prediction_type")
+
+
+def check_flow_matching_arguments(args: argparse.Namespace, model: str, max_sequence_length: int) -> None:
+    """Refuse what a diffusion transformer (`model`: its name) cannot train with: noise-prediction flags, a resolution
+    its 2x2 patches do not tile, a T5 prompt length outside (0, `max_sequence_length`]."""
+    if noise_prediction_flags := sorted(args.explicit & set(NOISE_PREDICTION_FLAGS)):
+        raise UserInputError(
+            f"--{noise_prediction_flags[0]} belongs to noise prediction, which {model} does not train with: drop it "
+            "(flow matching weights its loss with --weighting_scheme)."
+        )
+    if args.resolution % 16:
+        raise UserInputError(
+            f"--resolution must be a multiple of 16 for {model} (the VAE downsamples by 8, then the transformer "
+            f"takes 2x2 patches), got {args.resolution}."
+        )
+    if not 1 <= args.max_sequence_length <= max_sequence_length:
+        raise UserInputError(
+            f"--max_sequence_length must be between 1 and {max_sequence_length}, got {args.max_sequence_length}."
+        )
 
 
 @dataclass

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 
 from .cli import UserInputError
-from .data import tokenize
 from .flow_matching import FlowMatching
 from .loss import encode_latents
+from .prompts import EncodedPrompts
 
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's limit of the T5 prompt length
 
@@ -44,54 +44,26 @@ def load_flux_base_models(
     return tokenizers, text_encoders, vae, transformer, noise_scheduler
 
 
-def clip_pooled(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """CLIP's pooled output, the transformer's `pooled_projections`, as FluxPipeline computes it."""
-    return text_encoder(input_ids.to(text_encoder.device), output_hidden_states=False).pooler_output
+def clip_pooled(text_encoders, input_ids) -> tuple[torch.Tensor]:
+    """CLIP's part of FluxPipeline's prompt encoding: its pooled output, the transformer's `pooled_projections`."""
+    (clip,), (ids,) = text_encoders, input_ids
+    return (clip(ids.to(clip.device), output_hidden_states=False).pooler_output,)
 
 
-class FluxPrompts:
-    """The run's prompts encoded once, before training: T5's hidden states of each (T5 never trains here, so it can
-    leave the accelerator afterwards), and CLIP's pooled output where CLIP does not train either (`clip_trains`).
-    `prompts` maps a kind (instance, class, validation) to its prompt; None entries are skipped."""
+def flux_prompts(
+    tokenizers, text_encoders, prompts: dict[str, str | None], max_sequence_length: int, clip_trains: bool
+):
+    """The run's prompts encoded once, as FluxPipeline.encode_prompt encodes them (CLIP's part unless it trains)."""
+    (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
+    return EncodedPrompts(
+        prompts, t5_tokenizer, t5, max_sequence_length, [clip_tokenizer], [clip], clip_pooled, clip_trains
+    )
 
-    def __init__(
-        self,
-        tokenizers,
-        text_encoders,
-        prompts: dict[str, str | None],
-        max_sequence_length: int,
-        clip_trains: bool,
-    ) -> None:
-        (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
-        self.prompts, self.clip_tokenizer = prompts, clip_tokenizer
-        self.hidden_states, self.pooled = {}, {}
-        with torch.no_grad():
-            for kind, prompt in prompts.items():
-                if prompt is None:
-                    continue
-                ids = t5_tokenizer(
-                    prompt, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
-                ).input_ids
-                self.hidden_states[kind] = t5(ids.to(t5.device), output_hidden_states=False)[0]
-                if not clip_trains:
-                    self.pooled[kind] = clip_pooled(clip, tokenize(clip_tokenizer, prompt).unsqueeze(0))
 
-    def batch(self, kinds: list[str], clip, input_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 hidden states and CLIP pooled output of a batch whose samples have the prompts of `kinds`; where CLIP
-        trains, the pooled output is `clip`'s (the prepared model) of the batch's `input_ids`."""
-        hidden_states = torch.cat([self.hidden_states[kind] for kind in kinds])
-        if self.pooled:
-            return hidden_states, torch.cat([self.pooled[kind] for kind in kinds])
-        return hidden_states, clip_pooled(clip, input_ids)
-
-    def validation_inputs(self, clip) -> dict[str, torch.Tensor]:
-        """FluxPipeline's prompt inputs of the validation prompt; where CLIP trains, its part from `clip` as it is."""
-        pooled = self.pooled.get("validation")
-        if pooled is None:
-            with torch.no_grad():
-                ids = tokenize(self.clip_tokenizer, self.prompts["validation"]).unsqueeze(0)
-                pooled = clip_pooled(clip, ids)
-        return {"prompt_embeds": self.hidden_states["validation"], "pooled_prompt_embeds": pooled}
+def flux_validation_inputs(prompts: EncodedPrompts, clip) -> dict[str, torch.Tensor]:
+    """FluxPipeline's prompt inputs of the validation prompt; where CLIP trains, its part from `clip` as it is."""
+    hidden_states, (pooled,) = prompts.of("validation", [clip])
+    return {"prompt_embeds": hidden_states, "pooled_prompt_embeds": pooled}
 
 
 class FluxDenoisingLoss:
@@ -106,7 +78,7 @@ class FluxDenoisingLoss:
         transformer,
         text_encoder,
         noise_scheduler,
-        prompts: FluxPrompts,
+        prompts: EncodedPrompts,
         flow_matching: FlowMatching,
         weight_dtype: torch.dtype,
         guidance_scale: float,
@@ -133,7 +105,7 @@ class FluxDenoisingLoss:
         if self.with_prior_preservation:
             kinds = ["instance"] * (size // 2) + ["class"] * (size // 2)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains()):
-            hidden_states, pooled = self.prompts.batch(kinds, self.text_encoder, batch.get("input_ids"))
+            hidden_states, (pooled,) = self.prompts.batch(kinds, [self.text_encoder], [batch.get("input_ids")])
         device = latents.device
         guidance = None
         if self.guidance_scale is not None:
@@ -155,7 +127,7 @@ class FluxDenoisingLoss:
 
 def flux_validation_pipeline(vae, clip, clip_tokenizer, noise_scheduler):
     """`make_pipeline` of `validation.sampling_validator`: a FluxPipeline around the models in training (the trained
-    CLIP where it trains) without T5, whose part of the prompt `FluxPrompts.validation_inputs` gives."""
+    CLIP where it trains) without T5, whose part of the prompt `flux_validation_inputs` gives."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     def make_pipeline(unwrapped: dict[str, torch.nn.Module]):

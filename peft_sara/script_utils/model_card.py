@@ -12,16 +12,22 @@ import peft_sara
 
 from .models import PIPELINE_CLASSES
 
-# The licences diffusers' DreamBooth scripts put on their cards (a run inherits its base model's; Flux.1 [dev] has
-# its own non-commercial licence), their family tags, the denoiser's folder and the text encoders that train.
-LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++", "flux": "other"}
+# The licences diffusers' DreamBooth scripts put on their cards (a run inherits its base model's; Flux.1 [dev] and
+# SD3 have licences of their own), the family tags, the denoiser's folder and the text encoders that train.
+LICENSES = {"sd": "creativeml-openrail-m", "sdxl": "openrail++", "flux": "other", "sd3": "other"}
 FAMILY_TAGS = {
     "sd": ["stable-diffusion"],
     "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
     "flux": ["flux", "flux-diffusers"],
+    "sd3": ["sd3", "sd3-diffusers"],
 }
-DENOISERS = {"sd": "unet", "sdxl": "unet", "flux": "transformer"}
-TRAINED_TEXT_ENCODERS = {"sd": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"], "flux": ["text_encoder"]}
+DENOISERS = {"sd": "unet", "sdxl": "unet", "flux": "transformer", "sd3": "transformer"}
+TRAINED_TEXT_ENCODERS = {
+    "sd": ["text_encoder"],
+    "sdxl": ["text_encoder", "text_encoder_2"],
+    "flux": ["text_encoder"],
+    "sd3": ["text_encoder", "text_encoder_2"],
+}
 
 
 def write_model_card(

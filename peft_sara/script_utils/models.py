@@ -99,6 +99,7 @@ PIPELINE_CLASSES = {
     "sd": "StableDiffusionPipeline",
     "sdxl": "StableDiffusionXLPipeline",
     "flux": "FluxPipeline",
+    "sd3": "StableDiffusion3Pipeline",
 }
 
 
