@@ -3,9 +3,13 @@ block and extrapolated to the full model.
 
 The published transformer configurations with random weights and a bf16 base, cut to `--blocks` depths (Flux: N
 double-stream and 2N single-stream blocks, its published 19:38 ratio; SD 3.5 Large: N joint blocks), each method in
-a fresh process, a few AdamW steps on one batch. Peak memory is CUDA's max allocated on a GPU and peak RSS on CPU.
-Two depths give each method's memory per block and its intercept (embedders, output, the process itself), hence the
-full model's figure by linear extrapolation. Methods:
+a fresh process, a few AdamW steps on one batch. Peak memory is CUDA's max allocated on a GPU and peak RSS on CPU,
+taken apart for the set-up (building the model, adding the adapter: SaRA's selection holds one layer's copy at a
+time) and for the training steps (the peak counter is reset in between), and the memory held after the steps
+(weights, adapter, gradients kept, optimizer state). Two depths give the held memory per block and its intercept
+(embedders, output, the process itself), hence the full model's by linear extrapolation; a training step's
+transient above it (one layer's work, and on CPU the allocator's) does not grow with the depth and is added as
+measured, the larger of the two depths'. A run needs the larger of the set-up and the training figure. Methods:
 - `frozen`: the floor, nothing trains;
 - `dense_grad`: every Linear weight's dense gradient computed and dropped at once (no optimizer), the least any
   method that adapts every weight must hold;
@@ -157,6 +161,23 @@ def model_inputs(model: str, config: dict, args: argparse.Namespace) -> dict:
     }
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the peak-memory counter again from the present use (Linux: VmHWM is reset through clear_refs)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+
+
+def held_memory_bytes(device: str) -> int:
+    """Memory in use now: CUDA's allocated bytes, or the resident set on CPU (Linux)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS:"))
+
+
 def run(args: argparse.Namespace) -> dict:
     """One method at one depth (in a child process): its peak memory over `args.steps` training steps."""
     import peft_sara
@@ -171,6 +192,9 @@ def run(args: argparse.Namespace) -> dict:
     if method.startswith("sara_"):
         peft_sara.attach(model, optimizer)
     inputs = model_inputs(args.model, transformer.config, args)
+    inputs["hidden_states"].requires_grad_(method == "frozen")  # the floor's backward reaches the input only
+    setup_peak = peak_memory_bytes(args.device)
+    reset_peak_memory(args.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         prediction = model(**inputs, return_dict=False)[0]
@@ -185,7 +209,9 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "method": method,
         "blocks": blocks,
-        "peak_memory_bytes": peak_memory_bytes(args.device),
+        "setup_peak_bytes": setup_peak,
+        "training_peak_bytes": peak_memory_bytes(args.device),
+        "held_bytes": held_memory_bytes(args.device),
         "trainable_values": sum(p.numel() for p in trainable),
         "linear_weights": linear_weights,
         "parameters": parameters,
@@ -194,34 +220,39 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def extrapolate(rows: list[dict], full_depth: int) -> dict:
-    """Memory per block and at the full depth from the figures at two depths (linear in the depth)."""
+    """The held memory and the set-up peak per block and at the full depth from the figures at two depths (linear in
+    the depth), the trainable values likewise; the training peak at the full depth is its held memory plus the largest
+    measured transient, and the full model's peak the larger of set-up and training."""
     low, high = sorted(rows, key=lambda row: row["blocks"])
-    blocks = high["blocks"] - low["blocks"]
-    per_block = (high["peak_memory_bytes"] - low["peak_memory_bytes"]) / blocks
-    values_per_block = (high["trainable_values"] - low["trainable_values"]) / blocks
-    return {
-        "per_block_bytes": per_block,
-        "full_model_bytes": low["peak_memory_bytes"] + per_block * (full_depth - low["blocks"]),
-        "full_model_trainable_values": round(
-            low["trainable_values"] + values_per_block * (full_depth - low["blocks"])
-        ),
-    }
+
+    def linear(key: str) -> tuple[float, float]:
+        per_block = (high[key] - low[key]) / (high["blocks"] - low["blocks"])
+        return per_block, low[key] + per_block * (full_depth - low["blocks"])
+
+    figures = {"full_model_trainable_values": round(linear("trainable_values")[1])}
+    figures["held_per_block_bytes"], figures["held_full_model_bytes"] = linear("held_bytes")
+    figures["setup_full_model_bytes"] = linear("setup_peak_bytes")[1]
+    figures["training_transient_bytes"] = max(row["training_peak_bytes"] - row["held_bytes"] for row in rows)
+    figures["training_full_model_bytes"] = figures["held_full_model_bytes"] + figures["training_transient_bytes"]
+    figures["full_model_bytes"] = max(figures["setup_full_model_bytes"], figures["training_full_model_bytes"])
+    return figures
 
 
 def markdown_table(report: dict) -> str:
     depths = report["settings"]["blocks"]
     lines = [
-        f"| method | trainable (full model) | peak at {depths[0]} (GiB) | peak at {depths[1]} (GiB) | per block (GiB) "
-        "| full model (GiB) | full / frozen |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| method | trainable (full model) | held at {depths[0]} / {depths[1]} blocks (GiB) | held per block (GiB) "
+        "| step transient (GiB) | set-up, full model (GiB) | training, full model (GiB) | full / frozen |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     frozen = report["extrapolated"]["frozen"]["full_model_bytes"]
     for method, figures in report["extrapolated"].items():
-        peaks = {row["blocks"]: row["peak_memory_bytes"] for row in report["results"][method]}
+        held = {row["blocks"]: row["held_bytes"] / 2**30 for row in report["results"][method]}
         lines.append(
-            f"| {method} | {figures['full_model_trainable_values']:,} | {peaks[depths[0]] / 2**30:.2f} "
-            f"| {peaks[depths[1]] / 2**30:.2f} | {figures['per_block_bytes'] / 2**30:.3f} "
-            f"| {figures['full_model_bytes'] / 2**30:.1f} | {figures['full_model_bytes'] / frozen:.2f} |"
+            f"| {method} | {figures['full_model_trainable_values']:,} | {held[depths[0]]:.2f} / {held[depths[1]]:.2f} "
+            f"| {figures['held_per_block_bytes'] / 2**30:.3f} | {figures['training_transient_bytes'] / 2**30:.2f} "
+            f"| {figures['setup_full_model_bytes'] / 2**30:.1f} | {figures['training_full_model_bytes'] / 2**30:.1f} "
+            f"| {figures['full_model_bytes'] / frozen:.2f} |"
         )
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .flux_layout import fuse_to_bfl_layout, is_flux_transformer
 from .loading import ADAPTABLE_COMPONENTS, _check_one_save, _read_config, _read_weights, _save_metadata
 from .lora_tools import TOOLS, summary_lines, unloaded_layers
 from .model import read_saved_updates
@@ -186,10 +187,11 @@ def export_lora(
     folders, name = _adapter_folders(source)
     path = output_dir / (DIFFUSERS_WEIGHT_NAME if format == "diffusers" else f"{name}.safetensors")
     _check_output_dir(source, output_dir, [path, output_dir / f"{name}_emb.safetensors"], overwrite)
-    if format == "kohya" and (unknown := sorted(set(folders) - {"unet", "text_encoder", "text_encoder_2"})):
+    kohya_components = {"unet", "transformer", "text_encoder", "text_encoder_2"}
+    if format == "kohya" and (unknown := sorted(set(folders) - kohya_components)):
         raise ValueError(
-            f"The kohya format names UNet and text-encoder layers only; {source} also adapts {', '.join(unknown)}. "
-            "Export it with format='diffusers'."
+            f"The kohya format names UNet, Flux transformer and CLIP text-encoder layers only; {source} also adapts "
+            f"{', '.join(unknown)}. Export it with format='diffusers'."
         )
     weights = {}
     for component, folder in folders.items():
@@ -213,6 +215,14 @@ def export_lora(
             f"{' ...' if len(left_out) > 5 else ''}. Pass allow_partial=True (--allow_partial) to export without them."
         )
     embeddings = _embeddings_file(source, name)
+    flux = is_flux_transformer(update.module_name for update in decoded.get("transformer", []))
+    if format == "kohya" and "transformer" in decoded:
+        if not flux:
+            raise ValueError(
+                f"The kohya format of {source}'s transformer is not written (only Flux's is): export it with "
+                "format='diffusers', which diffusers and ComfyUI load."
+            )
+        decoded["transformer"] = fuse_to_bfl_layout(decoded["transformer"])  # ComfyUI's and kohya's layer names
 
     # SDXL: two text encoders, or a UNet with added conditioning (its only other mark without a base model)
     sdxl = "text_encoder_2" in folders or any(u.module_name in KOHYA_MODULE_NAMES for u in decoded.get("unet", []))
@@ -242,7 +252,7 @@ def export_lora(
     if not layers:
         raise ValueError(f"Every update of the SaRA adapter in {source} is zero: there is nothing to export.")
     output_dir.mkdir(parents=True, exist_ok=True)
-    tensors, metadata = _lora_file_contents(layers, factors, format, sdxl, dtype)
+    tensors, metadata = _lora_file_contents(layers, factors, format, sdxl or flux, dtype)
     metadata.update(format="pt", sara_export=json.dumps({"source": name, "rank": rank}))
     _write_atomically(path, lambda staging: _save(tensors, staging, metadata))
     result = LoraExport(
@@ -374,7 +384,7 @@ def _low_rank_factors(update, rank: int | float, dtype: torch.dtype):
 
 
 def _lora_file_contents(
-    layers: list[LayerExport], factors: dict, format: str, sdxl: bool, dtype: torch.dtype
+    layers: list[LayerExport], factors: dict, format: str, numbered_text_encoders: bool, dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The LoRA file's tensors and metadata in `format`, every layer at scale 1."""
     tensors = {}
@@ -390,7 +400,7 @@ def _lora_file_contents(
     for layer in layers:
         down, up = factors[layer.component, layer.module]
         correction = math.sqrt(layer.rank / alpha)
-        key = _kohya_name(layer.component, layer.module, sdxl)
+        key = _kohya_name(layer.component, layer.module, numbered_text_encoders)
         tensors[f"{key}.lora_down.weight"] = (down * correction).to(dtype)
         tensors[f"{key}.lora_up.weight"] = (up * correction).to(dtype)
         tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
@@ -409,14 +419,15 @@ def _diffusers_name(component: str, module: str) -> str:
     return f"{component}.{module if component in DENOISERS else _text_model_path(module)}"
 
 
-def _kohya_name(component: str, module: str, sdxl: bool) -> str:
-    """kohya's key of a layer: the module path with '_' for '.', after a prefix naming the model."""
-    if component == "unet":
+def _kohya_name(component: str, module: str, numbered_text_encoders: bool) -> str:
+    """kohya's key of a layer: the module path with '_' for '.', after a prefix naming the model (a Flux
+    transformer's layers already in the original layout's names)."""
+    if component in DENOISERS:
         prefix = "lora_unet"
         module = KOHYA_MODULE_NAMES.get(module, module)
     else:
-        # kohya's SD 1.x/2.x files say lora_te, its SDXL files lora_te1 and lora_te2
-        prefix = "lora_te2" if component == "text_encoder_2" else "lora_te1" if sdxl else "lora_te"
+        # kohya's SD 1.x/2.x files say lora_te, its SDXL and Flux files lora_te1 (and lora_te2)
+        prefix = "lora_te2" if component == "text_encoder_2" else "lora_te1" if numbered_text_encoders else "lora_te"
         module = _text_model_path(module)
     return f"{prefix}_{module.replace('.', '_')}"
 

@@ -5,7 +5,9 @@ of the layers it wrote each tool will not load. The rules, for Stable Diffusion 
 encoders, and the export's key spellings (diffusers: `unet.<module>.lora_A.weight`; kohya:
 `lora_unet_<module with _>.lora_down.weight`, `lora_te…`):
 
-- diffusers (`load_lora_weights`, 0.42): every layer, in both spellings.
+- diffusers (`load_lora_weights`, 0.42): every layer, in both spellings, except in a kohya-spelled Flux file the
+  embedders and the final layer: its converter (`_convert_sd_scripts_to_ai_toolkit`) gives their keys no
+  `transformer.` prefix, so the transformer's loader drops them (the double and single blocks load).
 - ComfyUI (`comfy/lora.py`: `model_lora_keys_unet`, `model_lora_keys_clip`): every layer in the kohya spelling. In
   the diffusers spelling it maps attention projections only under the old attention-processor names
   (`attn1.processor.to_q`, `…processor.to_out`), so `to_q`, `to_k`, `to_v` and `to_out.0` are not loaded, and it does
@@ -22,12 +24,18 @@ encoders, and the export's key spellings (diffusers: `unet.<module>.lora_A.weigh
 - kohya sd-scripts (`networks/lora.py`: `LoRANetwork`): the kohya spelling only, and only Linear/Conv2d layers inside
   `Transformer2DModel`, `ResnetBlock2D`, `Downsample2D`, `Upsample2D` (the UNet) and `CLIPAttention`/`CLIPMLP`
   (the text encoders): `conv_in`, `conv_out`, `time_embedding`, `add_embedding` and `text_projection` have no module
-  under any name.
+  under any name. For Flux (`networks/lora_flux.py`) the layers of `DoubleStreamBlock` and `SingleStreamBlock`, in
+  the original layout's names (`lora_unet_double_blocks_0_img_attn_qkv`); the embedders only when trained with
+  `in_dims`, the final layer not at all.
+- A Flux transformer in the kohya spelling (the original layout: `flux_layout`) ComfyUI maps through its own model's
+  weight names, every layer; AUTOMATIC1111 has no Flux.
 """
 
 from __future__ import annotations
 
 import re
+
+from .flux_layout import is_flux_transformer
 
 TOOLS = ("diffusers", "ComfyUI", "AUTOMATIC1111", "kohya sd-scripts")
 # The format each tool loads completely, for the README's advice and the summary's.
@@ -64,6 +72,8 @@ def unloaded_layers(format: str, layers: list[tuple[str, str]], sdxl: bool) -> d
 
 def _loads(tool: str, format: str, component: str, module: str, sdxl: bool, present: set) -> bool:
     if tool == "diffusers":
+        if format == "kohya" and component == "transformer":  # Flux, named in the original layout
+            return module.startswith(("double_blocks.", "single_blocks."))
         return True
     if tool == "ComfyUI":
         if format == "kohya":
@@ -71,7 +81,7 @@ def _loads(tool: str, format: str, component: str, module: str, sdxl: bool, pres
         if component == "unet":
             return not _ATTENTION_PROJECTION.search(module)
         if component == "transformer":
-            is_flux = any(name.startswith(("single_transformer_blocks.", "x_embedder")) for _, name in present)
+            is_flux = is_flux_transformer(name for _, name in present)
             return (_COMFYUI_FLUX_LAYER if is_flux else _COMFYUI_SD3_LAYER).match(module) is not None
         return _CLIP_LAYER.search(module) is not None
     if format != "kohya":  # AUTOMATIC1111 and kohya sd-scripts read kohya's spelling only
@@ -88,6 +98,8 @@ def _loads(tool: str, format: str, component: str, module: str, sdxl: bool, pres
         return True
     if component == "unet":  # kohya sd-scripts
         return _KOHYA_UNET_BLOCK.search(module) is not None
+    if component == "transformer":  # Flux, named in the original layout: its LoRA network patches the blocks only
+        return module.startswith(("double_blocks.", "single_blocks."))
     return _CLIP_LAYER.search(module) is not None
 
 

@@ -270,3 +270,18 @@ def test_rank_one_in_half_precision_names_the_layers_it_cannot_reproduce(tmp_pat
     result = export_lora(tmp_path / "adapter", tmp_path / "lora", rank=1.0, dtype=torch.bfloat16)
     assert result.layers[0].relative_error > 1e-6
     assert "0 of 1 layers reproduced" in str(result) and "bfloat16 factors' rounding: unet.0" in str(result)
+
+
+def test_the_kohya_format_of_an_sd3_transformer_is_refused_and_its_diffusers_format_kept(tmp_path):
+    from conftest import tiny_sd3_transformer
+
+    from peft_sara.script_utils.output import save_adapters
+
+    transformer = tiny_sd3_transformer()
+    transformer.add_adapter(SaRAConfig(threshold=0.05, init_weights=False))
+    save_adapters(str(tmp_path / "run"), {"transformer": transformer})
+    with pytest.raises(ValueError, match="kohya format of .* transformer is not written \\(only Flux's is\\)"):
+        export_lora(tmp_path / "run", tmp_path / "kohya", format="kohya")
+    export = export_lora(tmp_path / "run", tmp_path / "lora", rank=1.0)
+    keys = load_file(export.path)
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in keys, "module paths kept, no text_model"
