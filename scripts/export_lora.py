@@ -37,7 +37,8 @@ def make_parser() -> argparse.ArgumentParser:
         default="diffusers",
         choices=FORMATS,
         help="diffusers: pytorch_lora_weights.safetensors for pipe.load_lora_weights(output_dir). kohya: "
-        "<name>.safetensors with lora_unet_/lora_te keys, for ComfyUI and AUTOMATIC1111 (diffusers loads it too).",
+        "<name>.safetensors with lora_unet_/lora_te keys, for ComfyUI and AUTOMATIC1111 (diffusers loads it too); "
+        "a Flux transformer in its original layout (fused qkv), as ComfyUI and kohya's scripts name it.",
     )
     parser.add_argument(
         "--save_precision", default="fp32", choices=list(SAVE_DTYPES), help="Precision of the LoRA's weights."

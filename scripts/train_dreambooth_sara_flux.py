@@ -69,7 +69,7 @@ from peft_sara.script_utils.flux import (
 )
 from peft_sara.script_utils.loop import LoopSettings, train
 from peft_sara.script_utils.models import add_sara_adapter, freeze, sara_configs, weight_dtype_of
-from peft_sara.script_utils.output import SAVE_DTYPES, finish_output, lock_output_dir, save_adapters
+from peft_sara.script_utils.output import finish_output, lock_output_dir, save_final_adapters
 from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
 from peft_sara.script_utils.stopping import text_encoder_schedules
@@ -287,15 +287,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # New Code #
-            unwrapped = {name: accelerator.unwrap_model(models[name]) for name in adapted}
-            save_adapters(
-                args.output_dir,
-                unwrapped,
-                base_model=args.pretrained_model_name_or_path,
-                dtype=SAVE_DTYPES[args.save_precision],
-                token_embeddings=new_tokens.embeddings() if new_tokens else None,  # <output name>_emb.safetensors
-                tokens=new_tokens.tokens if new_tokens else (),
-            )
+            # the adapters (and new tokens) as PEFT folders and <output name>_emb.safetensors
+            save_final_adapters(accelerator, args, {name: models[name] for name in adapted}, new_tokens)
             # End of new code #
             finish_output(
                 accelerator,

@@ -59,7 +59,7 @@ from peft_sara.script_utils.models import (
     sara_configs,
     weight_dtype_of,
 )
-from peft_sara.script_utils.output import SAVE_DTYPES, finish_output, lock_output_dir, save_adapters
+from peft_sara.script_utils.output import finish_output, lock_output_dir, save_final_adapters
 from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
@@ -292,13 +292,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             # New Code #
-            unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-            save_adapters(
-                args.output_dir,
-                unwrapped,
-                base_model=args.pretrained_model_name_or_path,
-                dtype=SAVE_DTYPES[args.save_precision],
-            )
+            save_final_adapters(accelerator, args, models)  # the adapters as PEFT folders
             # End of new code #
             finish_output(accelerator, args, validation, global_step)
         accelerator.end_training()

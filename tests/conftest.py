@@ -142,24 +142,14 @@ def tiny_clip_text_model():
 
 def tiny_pipeline():
     """A complete, tiny StableDiffusionPipeline (tokenizer, CLIP text encoder, VAE, UNet, scheduler)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     vocab = {token: index for index, token in enumerate([chr(c) for c in range(33, 127)])}
     for token in ("<|startoftext|>", "<|endoftext|>"):
         vocab[token] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=16,
-    )
+    vae = tiny_vae()
     scheduler = DDPMScheduler(steps_offset=1, clip_sample=False)
     return StableDiffusionPipeline(
         vae=vae,
@@ -292,12 +282,13 @@ def tiny_t5(vocab_size: int, width: int):
     return T5EncoderModel(config).eval()
 
 
-def tiny_vae(**flow_matching_factors):
-    """The tiny pipelines' 4-channel VAE (downsampling by 2) with Flux's or SD3's shift and scaling factors."""
+def tiny_vae(**overrides):
+    """The tiny pipelines' 4-channel VAE (downsampling by 2); Flux's and SD3's without quant convs, with their shift
+    and scaling factors in `overrides`."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
@@ -306,9 +297,14 @@ def tiny_vae(**flow_matching_factors):
         latent_channels=4,
         norm_num_groups=8,
         sample_size=16,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **flow_matching_factors,
+    )
+    return AutoencoderKL(**config, **overrides)
+
+
+def flow_matching_vae(shift_factor: float, scaling_factor: float):
+    """The VAE of the tiny Flux and SD3 pipelines: no quant convs, as theirs."""
+    return tiny_vae(
+        shift_factor=shift_factor, scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False
     )
 
 
@@ -340,7 +336,7 @@ def tiny_sd3_pipeline():
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(shift_factor=0.0609, scaling_factor=1.5305),
+        vae=flow_matching_vae(0.0609, 1.5305),
         text_encoder=clip_l,
         tokenizer=tokenizer,
         text_encoder_2=clip_g,
@@ -367,7 +363,7 @@ def tiny_flux_pipeline(guidance_embeds: bool = True):
     base = tiny_pipeline()
     tokenizer, tokenizer_2 = tiny_pooling_clip_tokenizer(), tiny_t5_tokenizer()
     t5 = tiny_t5(len(tokenizer_2), 32)
-    vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    vae = flow_matching_vae(0.1159, 0.3611)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,  # 4 latent channels packed 2x2
@@ -399,10 +395,32 @@ def tiny_flux_pipeline_dir(tmp_path_factory):
     return folder
 
 
-def generate(pipeline, prompt: str = "a photo of a dog"):
+def generate(pipeline, prompt: str = "a photo of a dog", **pipeline_arguments):
     """The pipeline's images for `prompt` as a numpy array: 2 steps at 32×32 px from seed 0, to compare loads."""
     generator = torch.Generator().manual_seed(0)
-    return pipeline(prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np").images
+    return pipeline(
+        prompt, num_inference_steps=2, height=32, width=32, generator=generator, output_type="np", **pipeline_arguments
+    ).images
+
+
+def load_pipeline(pipeline_class, folder):
+    """A saved pipeline, loaded as a user loads it, without progress bars."""
+    pipeline = pipeline_class.from_pretrained(folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+class MeanVAE(torch.nn.Module):
+    """A VAE whose latents are their distributions' means: a loss test then knows the latents it trains on."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.config, self.dtype = vae, vae.config, torch.float32
+
+    def encode(self, images):
+        distribution = self.vae.encode(images).latent_dist
+        distribution.sample = lambda generator=None: distribution.mean
+        return type("Output", (), {"latent_dist": distribution})()
 
 
 def write_images(folder, count: int, seed: int, size: int = 40) -> None:

@@ -4,7 +4,7 @@ flow-matching target."""
 from __future__ import annotations
 
 import torch
-from conftest import tiny_flux_pipeline
+from conftest import MeanVAE, tiny_flux_pipeline
 
 from peft_sara.script_utils.flow_matching import FlowMatching
 from peft_sara.script_utils.flux import FluxDenoisingLoss, flux_prompts
@@ -64,16 +64,6 @@ def test_the_loss_feeds_the_transformer_what_the_pipeline_feeds_it_and_targets_t
         noisy = FluxPipeline._unpack_latents(inputs["hidden_states"], 32, 32, 2)
         sigmas = (inputs["timestep"] * 1000 / 1000).view(-1, 1, 1, 1)
         return FluxPipeline._pack_latents((noisy - latents) / sigmas, 4, 4, 16, 16)
-
-    class MeanVAE(torch.nn.Module):  # deterministic latents, to know x
-        def __init__(self, vae):
-            super().__init__()
-            self.vae, self.config, self.dtype = vae, vae.config, torch.float32
-
-        def encode(self, images):
-            distribution = self.vae.encode(images).latent_dist
-            distribution.sample = lambda generator=None: distribution.mean
-            return type("Output", (), {"latent_dist": distribution})()
 
     oracle = VelocityOracle(pipeline.transformer.config, velocity)
     loss = FluxDenoisingLoss(

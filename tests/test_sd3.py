@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_sd3_pipeline
+from conftest import MeanVAE, tiny_sd3_pipeline
 
 from peft_sara.script_utils.flow_matching import FlowMatching
 from peft_sara.script_utils.sd3 import SD3DenoisingLoss, joint_prompt_embeds, sd3_prompts, sd3_validation_inputs
@@ -62,16 +62,6 @@ def test_the_true_velocity_scores_zero_in_both_targets(precondition_outputs):
         seen.update(inputs)
         sigmas = (inputs["timestep"] / 1000).view(-1, 1, 1, 1)
         return (inputs["hidden_states"] - latents) / sigmas
-
-    class MeanVAE(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae, self.config, self.dtype = vae, vae.config, torch.float32
-
-        def encode(self, images):
-            distribution = self.vae.encode(images).latent_dist
-            distribution.sample = lambda generator=None: distribution.mean
-            return type("Output", (), {"latent_dist": distribution})()
 
     loss = SD3DenoisingLoss(
         MeanVAE(pipeline.vae), VelocityOracle(velocity), [None, None], pipeline.scheduler, prompts, FlowMatching(),

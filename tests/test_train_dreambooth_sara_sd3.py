@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import launch_two_cpu_processes, load_script, two_process_env, write_images
+from conftest import generate as generate_images
+from conftest import launch_two_cpu_processes, load_pipeline, load_script, two_process_env, write_images
 from safetensors.torch import load_file
 
 import peft_sara
@@ -37,17 +38,11 @@ def sd3_args(tiny_sd3_pipeline_dir, tmp_path):
 def load_base(folder):
     from diffusers import StableDiffusion3Pipeline
 
-    pipeline = StableDiffusion3Pipeline.from_pretrained(folder)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return load_pipeline(StableDiffusion3Pipeline, folder)
 
 
 def generate(pipeline, prompt: str = "a photo of sks dog"):
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(
-        prompt, num_inference_steps=2, height=32, width=32, max_sequence_length=16, generator=generator,
-        output_type="np",
-    ).images  # fmt: skip
+    return generate_images(pipeline, prompt, max_sequence_length=16)
 
 
 def test_trains_the_transformer_and_both_clip_encoders_and_loads_into_an_sd3_pipeline(

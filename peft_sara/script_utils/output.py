@@ -122,6 +122,20 @@ def save_adapters(
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def save_final_adapters(accelerator, args, models: dict[str, torch.nn.Module], new_tokens=None) -> None:
+    """The end of a run (main process): the prepared `models`' adapters as PEFT folders in --output_dir, in
+    --save_precision, naming the base model; with pivotal tuning also `new_tokens`' embeddings
+    (`<output folder name>_emb.safetensors`)."""
+    save_adapters(
+        args.output_dir,
+        {name: accelerator.unwrap_model(model) for name, model in models.items()},
+        base_model=args.pretrained_model_name_or_path,
+        dtype=SAVE_DTYPES[args.save_precision],
+        token_embeddings=new_tokens.embeddings() if new_tokens else None,
+        tokens=new_tokens.tokens if new_tokens else (),
+    )
+
+
 def create_hub_repo(repo_id: str, token: str | None) -> str:
     """Create (or find) the model repo; its full id, with the namespace the Hub gave it (`name` -> `user/name`)."""
     from huggingface_hub import create_repo
