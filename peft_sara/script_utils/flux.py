@@ -52,7 +52,7 @@ def clip_pooled(text_encoders, input_ids) -> tuple[torch.Tensor]:
 
 def flux_prompts(
     tokenizers, text_encoders, prompts: dict[str, str | None], max_sequence_length: int, clip_trains: bool
-):
+) -> EncodedPrompts:
     """The run's prompts encoded once, as FluxPipeline.encode_prompt encodes them (CLIP's part unless it trains)."""
     (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
     return EncodedPrompts(

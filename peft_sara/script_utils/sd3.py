@@ -67,7 +67,7 @@ def joint_prompt_embeds(t5: torch.Tensor, clip_hidden_states: torch.Tensor) -> t
 
 def sd3_prompts(
     tokenizers, text_encoders, prompts: dict[str, str | None], max_sequence_length: int, clip_trains: bool
-):
+) -> EncodedPrompts:
     """The run's prompts encoded once, as StableDiffusion3Pipeline.encode_prompt encodes them (the CLIP part unless
     the CLIP encoders train). The validation's negative prompt is the pipeline's default, empty one."""
     *clip_tokenizers, t5_tokenizer = tokenizers
