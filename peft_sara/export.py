@@ -27,7 +27,7 @@ from .model import read_saved_updates
 
 FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for
-EMBEDDINGS_KEYS = ("clip_l", "clip_g")  # a pivotal-tuning embeddings file, as diffusers' advanced scripts write it
+EMBEDDINGS_KEYS = ("clip_l", "clip_g", "t5")  # a pivotal-tuning embeddings file, as diffusers' advanced scripts have
 ADAPTER_CONFIG = "adapter_config.json"
 DENOISERS = ("unet", "transformer")  # the components whose layers keep their module paths in every format
 # The relative (Frobenius) error at which a layer counts as reproduced exactly: the directions the export drops at
@@ -163,8 +163,9 @@ def export_lora(
     update's energy (as PEFT's `convert_to_lora`). `format="diffusers"` writes `pytorch_lora_weights.safetensors` for
     `pipe.load_lora_weights(output_dir)`; `format="kohya"` writes `<name>.safetensors` with `lora_unet_…`/`lora_te…`
     keys and alphas (scale 1), for ComfyUI, AUTOMATIC1111 and also diffusers. New-token embeddings are copied next to
-    it as `<name>_emb.safetensors` (keys `clip_l`, `clip_g`), which diffusers' `load_textual_inversion`, ComfyUI and
-    AUTOMATIC1111 load. `<name>` is the training output folder's name.
+    it as `<name>_emb.safetensors` (keys `clip_l`, `clip_g`, and `t5` from Flux and SD3 runs with --enable_t5_ti),
+    which diffusers' `load_textual_inversion` loads key by key, and ComfyUI and AUTOMATIC1111 load for CLIP.
+    `<name>` is the training output folder's name.
 
     A LoRA cannot express bias updates (`include_bias=True`) or fully trained modules (`modules_to_save`): they are
     refused unless `allow_partial=True`, which leaves them out and names them in the result. Convolutions are exported
@@ -328,11 +329,11 @@ def _embeddings_file(source: Path, name: str) -> int | None:
     if "clip_l" not in shapes or set(shapes) - set(EMBEDDINGS_KEYS) or any(len(s) != 2 for s in shapes.values()):
         raise ValueError(
             f"{path} is not a new-token embeddings file: expected 2-D tensors under the keys clip_l (and clip_g for "
-            f"SDXL), found {shapes}."
+            f"SDXL and SD3, t5 for a T5 encoder), found {shapes}."
         )
     counts = {shape[0] for shape in shapes.values()}
     if len(counts) != 1:
-        raise ValueError(f"{path}: clip_l and clip_g hold different numbers of tokens ({shapes}).")
+        raise ValueError(f"{path}: its text encoders' rows are different numbers of tokens ({shapes}).")
     return counts.pop()
 
 

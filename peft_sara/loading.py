@@ -20,12 +20,14 @@ from .model import check_saved_adapter, remove_sara_adapter
 from .peft_type import SARA
 from .tokens import (
     EMBEDDINGS_FILE_SUFFIX,
-    TOKEN_EMBEDDING_KEYS,
     add_new_tokens,
     check_new_tokens,
     read_token_embeddings,
+    token_embedding_targets,
 )
 
+# What each key of a token-embeddings file needs in the pipeline, for messages.
+ENCODER_KINDS = {"clip_l": "a CLIP text_encoder", "clip_g": "a second CLIP encoder", "t5": "a T5 encoder"}
 # Written by the training scripts into every adapter file of one save (safetensors metadata): the save's id and its
 # components, so that a folder mixing two saves (a save killed half-way) is refused instead of loaded.
 SAVE_ID_KEY = "sara_save_id"
@@ -88,9 +90,10 @@ def load_sara_weights(
     (`revision`, `token`, `cache_dir`, ...) go to the Hub download. Returns the names of the adapted components.
 
     A training output of pivotal tuning also holds the new tokens' embeddings (`<name>_emb.safetensors`): their
-    tokens are added to every tokenizer and text encoder (`clip_l` to `tokenizer`/`text_encoder`, `clip_g` to
-    `tokenizer_2`/`text_encoder_2`) among `components`, so that the prompts the model was trained with work as
-    they are (see `pipeline.tokenizer.get_added_vocab()`).
+    tokens are added to every tokenizer and text encoder among `components` that trained them (`clip_l` to
+    `tokenizer`/`text_encoder`, `clip_g` to SDXL's and SD3's `tokenizer_2`/`text_encoder_2`, `t5` to the T5 encoder
+    of Flux or SD3), so that the prompts the model was trained with work as they are (see
+    `pipeline.tokenizer.get_added_vocab()`).
 
     The load is all or nothing: configs, weights files, every saved update and the token embeddings are checked
     before any component changes, and a load refused later still leaves every component and tokenizer as it was, so
@@ -163,23 +166,25 @@ def _read_new_tokens(
             f"The token embeddings {os.path.basename(path)} and the adapters in {source} are not one whole save (a "
             "save was interrupted): save or train again."
         )
-    # the keys name CLIP encoders; Flux's text_encoder_2 is T5, which takes no new tokens
-    clip_encoders = {
-        key: names for key, names in TOKEN_EMBEDDING_KEYS.items() if _is_clip(getattr(pipeline, names[0], None))
-    }
-    wanted = {key: names for key, names in clip_encoders.items() if names[0] in available}
-    missing = sorted(set(wanted) - set(tensors))
-    absent = sorted(set(tensors) - set(clip_encoders))
+    targets = token_embedding_targets(pipeline)
+    # every CLIP encoder among `available` takes the tokens; T5 only where the run trained them there (diffusers'
+    # --enable_t5_ti), else it reads the prompt as written, as it did in training
+    missing = sorted(
+        key for key, (name, _) in targets.items() if key != "t5" and name in available and key not in tensors
+    )
+    absent = sorted(set(tensors) - set(targets))
     if missing or absent:
         problem = (
-            f"no {missing[0]} embeddings for the pipeline's {wanted[missing[0]][0]}"
+            f"no {missing[0]} embeddings for the pipeline's {targets[missing[0]][0]}"
             if missing
-            else f"{absent[0]} embeddings for a CLIP {TOKEN_EMBEDDING_KEYS[absent[0]][0]} the pipeline lacks"
+            else f"{absent[0]} embeddings for {ENCODER_KINDS[absent[0]]} the pipeline lacks"
         )
         raise ValueError(
             f"The token embeddings {os.path.basename(path)} in {source} hold {problem}: they were trained for "
-            "another kind of pipeline (Stable Diffusion and Flux: clip_l; SDXL: clip_l and clip_g)."
+            "another kind of pipeline (Stable Diffusion: clip_l; SDXL: clip_l and clip_g; Flux: clip_l, and t5 with "
+            "--enable_t5_ti; SD3: clip_l and clip_g, and t5 with --enable_t5_ti)."
         )
+    wanted = {key: targets[key] for key in tensors if targets[key][0] in available}
     loads = []
     for key, (encoder_name, tokenizer_name) in wanted.items():
         tokenizer, text_encoder = getattr(pipeline, tokenizer_name, None), getattr(pipeline, encoder_name)
@@ -191,11 +196,6 @@ def _read_new_tokens(
             raise ValueError(f"{encoder_name}: {error}") from error
         loads.append((encoder_name, tokenizer, text_encoder, tokens, tensors[key]))
     return loads
-
-
-def _is_clip(text_encoder: Any) -> bool:
-    """Whether a pipeline's text encoder is one of transformers' CLIP text models (with or without projection)."""
-    return text_encoder is not None and type(text_encoder).__name__.startswith("CLIPText")
 
 
 def _embeddings_file(source: str, saves: dict[str, dict[str, str]], hub_kwargs: dict[str, Any]) -> str | None:

@@ -2,8 +2,10 @@
 tuning, as diffusers' advanced DreamBooth scripts train and save it.
 
 A token-embeddings file (`<name>_emb.safetensors`) holds one `[num_tokens, hidden]` tensor per text encoder: `clip_l`
-for a pipeline's `text_encoder`, `clip_g` for SDXL's `text_encoder_2`. Our training scripts also record the tokens'
-names in its metadata; files without them (diffusers') name the tokens `<s0>`, `<s1>`, ...
+for a pipeline's `text_encoder`, `clip_g` for SDXL's and SD3's second CLIP (`text_encoder_2`), `t5` for the T5
+encoder of Flux (`text_encoder_2`) or SD3 (`text_encoder_3`), as diffusers' advanced Flux script writes it. Our
+training scripts also record the tokens' names in its metadata; files without them (diffusers') name the tokens
+`<s0>`, `<s1>`, ...
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from typing import Any
 
 import torch
 
-# Key of each text encoder's tensor in the file -> (pipeline attribute of the text encoder, of its tokenizer).
-TOKEN_EMBEDDING_KEYS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2")}
+TOKEN_EMBEDDING_KEYS = ("clip_l", "clip_g", "t5")  # the keys of a file's tensors, one per kind of text encoder
 TOKENS_KEY = "sara_tokens"  # safetensors metadata: the tokens' names, a JSON list
 EMBEDDINGS_FILE_SUFFIX = "_emb.safetensors"
 
@@ -61,6 +62,22 @@ def read_token_embeddings(path: str) -> tuple[dict[str, torch.Tensor], list[str]
         if not (isinstance(tokens, list) and len(tokens) == count and all(isinstance(t, str) and t for t in tokens)):
             raise ValueError(f"The token embeddings {path} name {metadata[TOKENS_KEY]!r} as their {count} tokens.")
     return tensors, tokens, metadata
+
+
+def token_embedding_targets(pipeline: Any) -> dict[str, tuple[str, str]]:
+    """The (text encoder, tokenizer) attribute names of each key's encoder in a pipeline, found by the encoders'
+    classes: `clip_l` the CLIP `text_encoder`, `clip_g` a CLIP `text_encoder_2`, `t5` the pipeline's T5 encoder."""
+    targets = {}
+    for suffix in ("", "_2", "_3"):
+        encoder_class = type(getattr(pipeline, f"text_encoder{suffix}", None)).__name__
+        if encoder_class.startswith("T5"):
+            key = "t5"
+        elif encoder_class.startswith("CLIPText"):  # with or without projection
+            key = "clip_g" if suffix else "clip_l"
+        else:
+            continue
+        targets.setdefault(key, (f"text_encoder{suffix}", f"tokenizer{suffix}"))
+    return targets
 
 
 def check_new_tokens(

@@ -9,11 +9,12 @@
       --validation_prompt "a photo of sks dog in a bucket" --output_dir sks-dog-flux
 
 The base runs in the run's precision (bf16 for Flux), SaRA's values, gradients and optimizer state stay fp32. The
-prompts' T5 embeddings are computed once before training, after which T5 leaves the run (it never trains, as in
-diffusers' script); with --train_text_encoder CLIP's adapter trains (and with --train_text_encoder_ti new CLIP
-tokens, saved as `clip_l` in `<output folder name>_emb.safetensors`). The output folder holds `transformer/` (and
-`text_encoder/`) as PEFT adapter folders, a model card and the validation images; load it all into a FluxPipeline
-with `peft_sara.load_sara_weights(pipe, output_dir)`.
+prompts' T5 embeddings are computed once before training, after which T5 leaves the run (its weights never train,
+as in diffusers' script); with --train_text_encoder CLIP's adapter trains. Pivotal tuning (--train_text_encoder_ti)
+trains new CLIP tokens, saved as `clip_l` in `<output folder name>_emb.safetensors`, and with --enable_t5_ti the same
+tokens in T5, saved as `t5` (T5 then stays in the run). The output folder holds `transformer/` (and `text_encoder/`)
+as PEFT adapter folders, a model card and the validation images; load it all into a FluxPipeline with
+`peft_sara.load_sara_weights(pipe, output_dir)`.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_dreambooth_arguments(parser)
     add_sara_arguments(parser)
     add_training_arguments(parser)
-    add_pivotal_arguments(parser)
+    add_pivotal_arguments(parser, t5=True)
     add_validation_and_hub_arguments(parser)
     parser.set_defaults(resolution=512)
     return parser
@@ -163,13 +164,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
         clip, clip_tokenizer = text_encoders[0], tokenizers[0]
         # New Code #
         # Pivotal tuning: the new tokens join CLIP's tokenizer before any prompt is tokenized; their embedding rows in
-        # CLIP train (saved as clip_l). T5 reads the prompt as it is written, at training as at inference.
-        new_tokens = None
+        # CLIP train (saved as clip_l). T5 reads the prompt as it is written, at training as at inference, unless
+        # --enable_t5_ti gives it the tokens too (saved as t5).
+        new_tokens, t5 = None, None
         if args.new_tokens:
             tokens = [token for tokens in args.new_tokens.values() for token in tokens]
-            new_tokens = NewTokenEmbeddings([(clip_tokenizer, clip)], tokens)
+            encoders = {"clip_l": (clip_tokenizer, clip)}
+            if args.enable_t5_ti:
+                t5 = text_encoders[1]
+                encoders["t5"] = (tokenizers[1], t5)
+            new_tokens = NewTokenEmbeddings(encoders, tokens)
         # End of new code #
-        # T5's embeddings of the run's prompts, once; T5 then leaves the run, freeing its memory.
+        # T5's embeddings of the run's prompts, once; T5 then leaves the run, freeing its memory (unless it trains).
         clip_trains = args.train_text_encoder or new_tokens is not None
         prompts = flux_prompts(
             tokenizers,
@@ -177,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             {"instance": args.instance_prompt, "class": args.class_prompt, "validation": args.validation_prompt},
             args.max_sequence_length,
             clip_trains,
+            t5_trains=t5 is not None,
         )
         del text_encoders
         gc.collect()
@@ -206,9 +213,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         loop.run_settings["unet_threshold"] = transformer.peft_config["default"].threshold
         if checkpoint is not None:  # the checkpoint's positions, before the optimizer holds the values
             load_checkpoint_adapters(adapted, checkpoint)
-        models = dict(adapted)  # the models that train: with pivotal tuning, CLIP's new rows too
+        models = dict(adapted)  # the models that train: with pivotal tuning, CLIP's (and T5's) new rows too
         if new_tokens is not None:
             models["text_encoder"] = clip
+        if t5 is not None:
+            models["text_encoder_2"] = t5
         learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
         # End of new code #
 
@@ -249,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             flux_validation_pipeline(vae, clip, clip_tokenizer, noise_scheduler),
             validation,
             args.output_dir,
-            prompt_inputs=lambda: flux_validation_inputs(prompts, clip),
+            prompt_inputs=lambda: flux_validation_inputs(prompts, clip, t5),
         )
         denoising_loss = FluxDenoisingLoss(
             vae,
@@ -263,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.with_prior_preservation,
             args.cache_latents,
             text_encoder_trains=lambda: all(state.trains for state in text_encoder_states),  # re-encoded every step
+            t5=models.get("text_encoder_2"),
         )
 
         def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -297,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 global_step,
                 instance_prompt=args.instance_prompt,
                 new_tokens=args.new_tokens,
+                embedding_keys=new_tokens.keys if new_tokens is not None else ("clip_l",),
                 family="flux",
                 dtype=weight_dtype,
             )

@@ -10,11 +10,13 @@ SaRA for LoRA.
       --validation_prompt "a photo of sks dog in a bucket" --output_dir sks-dog-sd3
 
 The base runs in the run's precision, SaRA's values, gradients and optimizer state stay fp32. The prompts' T5
-embeddings are computed once before training, after which T5 leaves the run (it never trains, as in diffusers'
-script); with --train_text_encoder both CLIP encoders' adapters train (and with --train_text_encoder_ti new tokens in
-both, saved as `clip_l` and `clip_g` in `<output folder name>_emb.safetensors`). The output folder holds
-`transformer/` (and `text_encoder/`, `text_encoder_2/`) as PEFT adapter folders, a model card and the validation
-images; load it all into a StableDiffusion3Pipeline with `peft_sara.load_sara_weights(pipe, output_dir)`.
+embeddings are computed once before training, after which T5 leaves the run (its weights never train, as in
+diffusers' script); with --train_text_encoder both CLIP encoders' adapters train. Pivotal tuning
+(--train_text_encoder_ti) trains new tokens in both CLIP encoders, saved as `clip_l` and `clip_g` in
+`<output folder name>_emb.safetensors`, and with --enable_t5_ti in T5 too, saved as `t5` (T5 then stays in the run).
+The output folder holds `transformer/` (and `text_encoder/`, `text_encoder_2/`) as PEFT adapter folders, a model card
+and the validation images; load it all into a StableDiffusion3Pipeline with
+`peft_sara.load_sara_weights(pipe, output_dir)`.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def make_parser() -> argparse.ArgumentParser:
     add_dreambooth_arguments(parser)
     add_sara_arguments(parser)
     add_training_arguments(parser)
-    add_pivotal_arguments(parser)
+    add_pivotal_arguments(parser, t5=True)
     add_validation_and_hub_arguments(parser)
     parser.set_defaults(resolution=512)
     return parser
@@ -166,13 +168,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # New Code #
         # Pivotal tuning: the new tokens join both CLIP tokenizers before any prompt is tokenized; their embedding
         # rows in both CLIP encoders train (saved as clip_l and clip_g). T5 reads the prompt as it is written, at
-        # training as at inference.
-        new_tokens = None
+        # training as at inference, unless --enable_t5_ti gives it the tokens too (saved as t5).
+        new_tokens, t5 = None, None
         if args.new_tokens:
             tokens = [token for tokens in args.new_tokens.values() for token in tokens]
-            new_tokens = NewTokenEmbeddings(list(zip(clip_tokenizers, clips)), tokens)
+            encoders = dict(zip(("clip_l", "clip_g"), zip(clip_tokenizers, clips)))
+            if args.enable_t5_ti:
+                t5 = text_encoders[2]
+                encoders["t5"] = (tokenizers[2], t5)
+            new_tokens = NewTokenEmbeddings(encoders, tokens)
         # End of new code #
-        # T5's embeddings of the run's prompts, once; T5 then leaves the run, freeing its memory.
+        # T5's embeddings of the run's prompts, once; T5 then leaves the run, freeing its memory (unless it trains).
         clip_trains = args.train_text_encoder or new_tokens is not None
         prompts = sd3_prompts(
             tokenizers,
@@ -180,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             {"instance": args.instance_prompt, "class": args.class_prompt, "validation": args.validation_prompt},
             args.max_sequence_length,
             clip_trains,
+            t5_trains=t5 is not None,
         )
         del text_encoders
         gc.collect()
@@ -214,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         models = dict(adapted)  # the models that train: with pivotal tuning, the CLIP encoders' new rows too
         if new_tokens is not None:
             models.update(zip(TEXT_ENCODERS, clips))
+        if t5 is not None:
+            models["text_encoder_3"] = t5
         learning_rate = args.learning_rate or peft_sara.paper_learning_rate(loop.run_settings["unet_threshold"])
         # End of new code #
 
@@ -254,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             sd3_validation_pipeline(vae, clips, clip_tokenizers, noise_scheduler),
             validation,
             args.output_dir,
-            prompt_inputs=lambda: sd3_validation_inputs(prompts, clips),
+            prompt_inputs=lambda: sd3_validation_inputs(prompts, clips, t5),
         )
         denoising_loss = SD3DenoisingLoss(
             vae,
@@ -268,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.with_prior_preservation,
             args.cache_latents,
             text_encoder_trains=lambda: all(state.trains for state in text_encoder_states),  # re-encoded every step
+            t5=models.get("text_encoder_3"),
         )
 
         def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -302,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 global_step,
                 instance_prompt=args.instance_prompt,
                 new_tokens=args.new_tokens,
-                embedding_keys=("clip_l", "clip_g"),
+                embedding_keys=new_tokens.keys if new_tokens is not None else ("clip_l", "clip_g"),
                 family="sd3",
                 dtype=weight_dtype,
             )

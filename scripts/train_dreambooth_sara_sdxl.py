@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         new_tokens = None
         if args.new_tokens:
             tokens = [token for tokens in args.new_tokens.values() for token in tokens]
-            new_tokens = NewTokenEmbeddings(list(zip(tokenizers, text_encoders)), tokens)
+            new_tokens = NewTokenEmbeddings(dict(zip(("clip_l", "clip_g"), zip(tokenizers, text_encoders))), tokens)
         # End of new code #
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
         dataset = DreamBoothDataset(

@@ -132,13 +132,15 @@ def test_new_token_embeddings_go_along(trained_output, tmp_path):
         (run / component).mkdir(parents=True)
         for file in (output_dir / component).iterdir():
             (run / component / file.name).write_bytes(file.read_bytes())
-    embeddings = {"clip_l": torch.randn(2, 32)}
+    embeddings = {"clip_l": torch.randn(2, 32), "t5": torch.randn(2, 16)}  # t5: --enable_t5_ti (Flux, SD3)
     save_file(embeddings, run / "pivotal_emb.safetensors")
     for format in ("diffusers", "kohya"):
         result = export_lora(run, tmp_path / format, rank=4, format=format)
         assert result.embeddings_path == tmp_path / format / "pivotal_emb.safetensors"
         assert result.num_new_tokens == 2
-        torch.testing.assert_close(load_file(result.embeddings_path)["clip_l"], embeddings["clip_l"])
+        copied = load_file(result.embeddings_path)
+        assert copied.keys() == embeddings.keys()
+        assert all(torch.equal(copied[key], embeddings[key]) for key in embeddings)
         assert "2 tokens" in str(result)
     save_file({"emb_params": torch.randn(2, 32)}, run / "pivotal_emb.safetensors")
     with pytest.raises(ValueError, match="not a new-token embeddings file"):

@@ -287,7 +287,7 @@ def test_sdxl_tokens_go_to_both_tokenizers_and_text_encoders(tmp_path):
     with pytest.raises(ValueError, match="no clip_g embeddings for the pipeline's text_encoder_2"):
         pivotal_output(tmp_path / "sd", keys=("clip_l",))
         load_sara_weights(sdxl_like_pipeline(), str(tmp_path / "sd"))
-    with pytest.raises(ValueError, match="clip_g embeddings for a CLIP text_encoder_2 the pipeline lacks"):
+    with pytest.raises(ValueError, match="clip_g embeddings for a second CLIP encoder the pipeline lacks"):
         load_sara_weights(tiny_pipeline(), str(tmp_path / "out"))
 
 
@@ -414,5 +414,29 @@ def test_a_flux_output_s_clip_tokens_go_to_clip_and_none_to_t5(tmp_path):
     ids = pipeline.tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
     assert torch.equal(pipeline.text_encoder.get_input_embeddings().weight[ids], rows["clip_l"])
     assert "<s0>" not in pipeline.tokenizer_2.get_vocab()
-    with pytest.raises(ValueError, match="clip_g embeddings for a CLIP text_encoder_2 the pipeline lacks"):
+    with pytest.raises(ValueError, match="clip_g embeddings for a second CLIP encoder the pipeline lacks"):
         load_sara_weights(tiny_flux_pipeline(), str(tmp_path / "sdxl-tokens"))
+
+
+def test_t5_rows_go_to_flux_s_t5_and_are_refused_by_a_pipeline_without_t5(tmp_path):
+    """--enable_t5_ti outputs hold `t5` rows: they go to the T5 encoder (Flux's text_encoder_2) with its tokenizer;
+    a pipeline without T5 refuses them before anything changes."""
+    from peft_sara.script_utils.output import save_adapters
+
+    trained = tiny_flux_pipeline()
+    trained.transformer.add_adapter(SaRAConfig(threshold=0.02, init_weights=False))
+    rows = {"clip_l": torch.randn(2, 32), "t5": torch.randn(2, 32)}
+    save_adapters(str(tmp_path / "flux-t5"), {"transformer": trained.transformer}, token_embeddings=rows,
+                  tokens=["<s0>", "<s1>"])  # fmt: skip
+    pipeline = tiny_flux_pipeline()
+    assert load_sara_weights(pipeline, str(tmp_path / "flux-t5")) == ["transformer"]
+    for tokenizer, encoder, key in ((pipeline.tokenizer, pipeline.text_encoder, "clip_l"),
+                                    (pipeline.tokenizer_2, pipeline.text_encoder_2, "t5")):  # fmt: skip
+        weight = encoder.get_input_embeddings().weight
+        assert torch.equal(weight[tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])], rows[key].to(weight.dtype))
+
+    pivotal_output(tmp_path / "sd-t5", keys=("clip_l", "t5"), hidden=(32, 16))
+    sd = tiny_pipeline()
+    with pytest.raises(ValueError, match="t5 embeddings for a T5 encoder the pipeline lacks"):
+        load_sara_weights(sd, str(tmp_path / "sd-t5"))
+    assert "<s0>" not in sd.tokenizer.get_vocab() and not getattr(sd.unet, "peft_config", None)

@@ -101,7 +101,7 @@ def test_only_the_new_rows_train_every_other_row_stays_bit_exact_and_they_stop_w
     pairs = [(pipeline.tokenizer, pipeline.text_encoder), (copy.deepcopy(pipeline.tokenizer), second_text_encoder())]
     before = [text_encoder.get_input_embeddings().weight.detach().clone() for _, text_encoder in pairs]
     torch.manual_seed(0)
-    new_tokens = NewTokenEmbeddings(pairs, ["<s0>", "<s1>"])
+    new_tokens = NewTokenEmbeddings(dict(zip(("clip_l", "clip_g"), pairs)), ["<s0>", "<s1>"])
     ids = [tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"]) for tokenizer, _ in pairs]
     initial = new_tokens.embeddings()
     assert list(initial) == ["clip_l", "clip_g"] and [t.shape for t in initial.values()] == [(2, 32), (2, 48)]
@@ -124,7 +124,7 @@ def test_only_the_new_rows_train_every_other_row_stays_bit_exact_and_they_stop_w
 
 def test_the_gradient_reaches_the_new_rows_only():
     pipeline = tiny_pipeline()
-    new_tokens = NewTokenEmbeddings([(pipeline.tokenizer, pipeline.text_encoder)], ["<s0>"])
+    new_tokens = NewTokenEmbeddings({"clip_l": (pipeline.tokenizer, pipeline.text_encoder)}, ["<s0>"])
     ids = pipeline.tokenizer("a <s0> dog", return_tensors="pt").input_ids
     pipeline.text_encoder(ids)[0].square().sum().backward()  # a plain sum of a layer norm's output has no gradient
     grad = new_tokens.parameters[0].grad
@@ -137,7 +137,7 @@ def test_checkpoint_state_restores_the_rows_and_whether_they_still_train(tmp_pat
     def fresh():
         pipeline = tiny_pipeline()
         pair = (pipeline.tokenizer, pipeline.text_encoder)
-        return pair, NewTokenEmbeddings([pair], ["<s0>", "<s1>"])
+        return pair, NewTokenEmbeddings({"clip_l": pair}, ["<s0>", "<s1>"])
 
     pair, new_tokens = fresh()
     train([pair], new_tokens, steps=2, train_steps=2)
@@ -155,15 +155,15 @@ def test_checkpoint_state_restores_the_rows_and_whether_they_still_train(tmp_pat
 
 def test_a_text_encoder_that_already_has_the_tokens_is_refused():
     pipeline = tiny_pipeline()
-    NewTokenEmbeddings([(pipeline.tokenizer, pipeline.text_encoder)], ["<s0>"])
+    NewTokenEmbeddings({"clip_l": (pipeline.tokenizer, pipeline.text_encoder)}, ["<s0>"])
     with pytest.raises(ValueError, match=r"has the tokens \['<s0>'\] already"):
-        NewTokenEmbeddings([(pipeline.tokenizer, tiny_clip_text_model())], ["<s0>"])
+        NewTokenEmbeddings({"clip_l": (pipeline.tokenizer, tiny_clip_text_model())}, ["<s0>"])
 
 
 def test_a_half_precision_text_encoder_trains_fp32_rows_and_computes_in_its_dtype():
     pipeline = tiny_pipeline()
     text_encoder = pipeline.text_encoder.to(torch.bfloat16)
-    new_tokens = NewTokenEmbeddings([(pipeline.tokenizer, text_encoder)], ["<s0>"])
+    new_tokens = NewTokenEmbeddings({"clip_l": (pipeline.tokenizer, text_encoder)}, ["<s0>"])
     assert new_tokens.parameters[0].dtype == torch.float32
     ids = pipeline.tokenizer("a <s0> dog", return_tensors="pt").input_ids
     hidden = text_encoder(ids)[0]  # no autocast: layer norms in bf16 refuse fp32 inputs on the CPU

@@ -3,6 +3,7 @@ computed per batch where CLIP trains."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_flux_pipeline
 
@@ -55,3 +56,23 @@ def test_where_clip_trains_its_part_is_computed_from_the_batch_with_gradients():
     assert calls == [2] and clip.requires_grad, "the trained encoder's graph reaches the loss"
     _, (validation,) = encoded.of("instance", [pipeline.text_encoder])
     assert not validation.requires_grad, "validation encodes without gradients"
+
+
+def test_where_t5_trains_its_states_are_computed_per_batch_with_gradients_and_match_the_pipeline_s():
+    pipeline = tiny_flux_pipeline()
+    t5 = pipeline.text_encoder_2
+    t5.get_input_embeddings().weight.requires_grad_(True)
+    encoded = EncodedPrompts(
+        {"instance": "a sks dog", "class": "a dog"}, pipeline.tokenizer_2, t5, 8, [pipeline.tokenizer],
+        [pipeline.text_encoder], pooled, clip_trains=False, t5_trains=True,
+    )  # fmt: skip
+    assert encoded.t5 == {}, "nothing of T5 is cached while it trains"
+    states, _ = encoded.batch(["class", "instance"], [None], [None], t5)
+    assert states.requires_grad, "the trained T5's graph reaches the loss"
+    with torch.no_grad():
+        for row, prompt in enumerate(("a dog", "a sks dog")):
+            torch.testing.assert_close(states[row : row + 1], t5_hidden_states(pipeline.tokenizer_2, t5, prompt, 8))
+    validation, _ = encoded.of("instance", [None], t5)
+    assert not validation.requires_grad, "validation encodes without gradients"
+    with pytest.raises(ValueError, match="T5 trains in this run"):
+        encoded.batch(["instance"], [None], [None])

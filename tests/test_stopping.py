@@ -44,7 +44,7 @@ def test_the_text_encoders_schedules_attach_the_new_tokens_and_the_adapters_to_t
     from peft_sara.script_utils.pivotal import NewTokenEmbeddings
 
     adapter = torch.nn.Parameter(torch.randn(3))
-    new_tokens = NewTokenEmbeddings([(tiny_pipeline().tokenizer, tiny_clip_text_model())], ["<s0>"])
+    new_tokens = NewTokenEmbeddings({"clip_l": (tiny_pipeline().tokenizer, tiny_clip_text_model())}, ["<s0>"])
     optimizer = torch.optim.AdamW([adapter, *new_tokens.parameters], lr=0.1)
     assert text_encoder_schedules(optimizer, None, None, [adapter], None) == []
     (tokens_only,) = text_encoder_schedules(optimizer, new_tokens, 1, [], None)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import peft_sara
 from peft_sara.script_utils.cli import UserInputError
+from peft_sara.script_utils.pivotal import CHECKPOINT_NAME
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "scripts", "train_dreambooth_sara_flux.py")
@@ -161,6 +162,60 @@ def test_pivotal_tuning_trains_new_clip_tokens_that_load_into_a_flux_pipeline(
     assert np.abs(generate(one_call, prompt) - generate(adapter_only, prompt)).max() > 1e-4, "the tokens count"
 
 
+def test_t5_pivotal_tuning_trains_the_new_rows_in_t5_too_and_they_load_into_tokenizer_2(
+    flux_args, tiny_flux_pipeline_dir, tmp_path
+):
+    """--enable_t5_ti (diffusers' advanced Flux script): T5 stays in the run, its new rows train (only they), the
+    file holds `t5` beside `clip_l`, and load_sara_weights gives the tokens to T5's tokenizer; resume is bit-exact."""
+    from safetensors import safe_open
+
+    def embeddings(path):
+        with safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}
+
+    args = [arg if arg != "a photo of sks dog" else "a photo of TOK dog" for arg in flux_args]
+    args += ["--train_text_encoder_ti", "--enable_t5_ti", "--train_text_encoder_ti_frac", "1", "--learning_rate"]
+    args += ["5e-2", "--max_train_steps", "3", "--checkpointing_steps", "1", "--validation_prompt", "TOK in a bucket"]
+    args += ["--validation_steps", "3"]
+    straight = tmp_path / "tok-dog"
+    load_script(SCRIPT_NAME).main(args + ["--output_dir", str(straight)])
+
+    saved = embeddings(straight / "tok-dog_emb.safetensors")
+    assert list(saved) == ["clip_l", "t5"] and saved["t5"].shape == (2, 32)
+    first, second = (embeddings(straight / f"checkpoint-{step}" / CHECKPOINT_NAME) for step in (1, 2))
+    assert not torch.equal(first["t5"], second["t5"]), "T5's new rows train at every step"
+    assert (straight / "validation" / "step-3-0.png").is_file(), "sampled with T5 in training"
+    assert (straight / "validation" / "final-0.png").is_file(), "sampled from a pipeline that loaded the tokens"
+    assert (
+        'state_dict["t5"], token=["<s0>", "<s1>"], text_encoder=pipe.text_encoder_2'
+        in (straight / "README.md").read_text()
+    )
+
+    pipeline, base = load_base(tiny_flux_pipeline_dir), load_base(tiny_flux_pipeline_dir)
+    assert peft_sara.load_sara_weights(pipeline, str(straight)) == ["transformer"]
+    ids = pipeline.tokenizer_2.convert_tokens_to_ids(["<s0>", "<s1>"])
+    t5_rows = pipeline.text_encoder_2.get_input_embeddings().weight
+    assert torch.equal(t5_rows[ids], saved["t5"].to(t5_rows.dtype))
+    base_rows = base.text_encoder_2.get_input_embeddings().weight
+    others = [row for row in range(len(base_rows)) if row not in ids]
+    assert torch.equal(t5_rows[others], base_rows[others]), "loading leaves every other row of T5 as it was"
+    clip_only = load_base(tiny_flux_pipeline_dir)
+    peft_sara.load_sara_weights(clip_only, str(straight), components=["transformer", "text_encoder"])
+    assert "<s0>" not in clip_only.tokenizer_2.get_vocab(), "components leave T5 as it is"
+    prompt = "a photo of <s0><s1> dog"
+    assert np.abs(generate(pipeline, prompt) - generate(clip_only, prompt)).max() > 1e-4, "T5's tokens count"
+
+    resumed = tmp_path / "resumed" / "tok-dog"
+    resumed.mkdir(parents=True)
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    load_script(SCRIPT_NAME).main(args + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    for key, tensor in embeddings(resumed / "tok-dog_emb.safetensors").items():
+        assert torch.equal(tensor, saved[key]), key
+    expected = load_file(straight / "transformer" / "adapter_model.safetensors")
+    actual = load_file(resumed / "transformer" / "adapter_model.safetensors")
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
 def test_a_transformer_without_guidance_input_trains(tmp_path):
     from conftest import tiny_flux_pipeline
 
@@ -186,6 +241,7 @@ def test_bad_input_is_one_error_line_and_status_2_before_models_load(flux_args, 
         (["--weighting_scheme", "uniform"], "invalid choice"),
         (["--text_encoder_lr", "1e-4"], "--text_encoder_lr needs --train_text_encoder"),
         (["--train_text_encoder", "--text_encoder_lr", "0"], "--text_encoder_lr must be a positive number"),
+        (["--enable_t5_ti"], "--enable_t5_ti needs --train_text_encoder_ti"),
     ]
     for extra, message in cases:
         with pytest.raises(UserInputError, match=message):

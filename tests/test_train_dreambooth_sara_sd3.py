@@ -117,30 +117,38 @@ def test_two_processes_with_accelerate(sd3_args, tiny_sd3_pipeline_dir, tmp_path
     assert peft_sara.load_sara_weights(load_base(tiny_sd3_pipeline_dir), str(output)) == COMPONENTS
 
 
-def test_pivotal_tuning_trains_new_tokens_in_both_clip_encoders(sd3_args, tiny_sd3_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("t5", [False, True], ids=["clip", "clip-and-t5"])
+def test_pivotal_tuning_trains_new_tokens_in_both_clip_encoders_and_t5_if_asked(
+    sd3_args, tiny_sd3_pipeline_dir, tmp_path, t5
+):
     from safetensors import safe_open
 
     output = tmp_path / "tok-dog"
     args = [arg if arg != "a photo of sks dog" else "a photo of TOK dog" for arg in sd3_args]
     args += ["--train_text_encoder_ti", "--learning_rate", "5e-2", "--output_dir", str(output)]
     args += ["--max_train_steps", "2", "--checkpointing_steps", "2", "--validation_prompt", "TOK in a bucket"]
+    args += ["--validation_steps", "2"] + ["--enable_t5_ti"] * t5
     load_script(SCRIPT_NAME).main(args)
 
     with safe_open(output / "tok-dog_emb.safetensors", framework="pt") as handle:
         saved = {key: handle.get_tensor(key) for key in handle.keys()}
-    assert sorted(saved) == ["clip_g", "clip_l"], "both CLIP encoders' rows; T5 takes no tokens"
+    assert sorted(saved) == ["clip_g", "clip_l"] + ["t5"] * t5, "both CLIP encoders' rows, T5's with --enable_t5_ti"
     assert not torch.equal(saved["clip_l"], saved["clip_g"])
+    assert (output / "validation" / "step-2-0.png").is_file()
     pipeline = load_base(tiny_sd3_pipeline_dir)
     assert peft_sara.load_sara_weights(pipeline, str(output)) == ["transformer"]
-    for key, tokenizer, encoder in (
+    encoders = [
         ("clip_l", pipeline.tokenizer, pipeline.text_encoder),
         ("clip_g", pipeline.tokenizer_2, pipeline.text_encoder_2),
-    ):
+    ] + [("t5", pipeline.tokenizer_3, pipeline.text_encoder_3)] * t5
+    for key, tokenizer, encoder in encoders:
         ids = tokenizer.convert_tokens_to_ids(["<s0>", "<s1>"])
-        assert torch.equal(encoder.get_input_embeddings().weight[ids], saved[key])
-    assert "<s0>" not in pipeline.tokenizer_3.get_vocab()
+        weight = encoder.get_input_embeddings().weight
+        assert torch.equal(weight[ids], saved[key].to(weight.dtype)), key
+    assert ("<s0>" in pipeline.tokenizer_3.get_vocab()) == t5, "T5 reads the prompt as written without the flag"
     card = (output / "README.md").read_text()
     assert "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in card
+    assert ("text_encoder=pipe.text_encoder_3, tokenizer=pipe.tokenizer_3" in card) == t5
 
 
 def test_bad_input_is_one_error_line_and_status_2_before_models_load(

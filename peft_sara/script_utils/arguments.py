@@ -192,8 +192,9 @@ def add_sara_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:
-    """Pivotal tuning and the text encoder's share of the run: the flags of diffusers' advanced DreamBooth scripts."""
+def add_pivotal_arguments(parser: argparse.ArgumentParser, t5: bool = False) -> None:
+    """Pivotal tuning and the text encoder's share of the run: the flags of diffusers' advanced DreamBooth scripts
+    (with `t5`, for a base with a T5 encoder, --enable_t5_ti of diffusers' advanced Flux script)."""
     group = parser.add_argument_group("pivotal tuning (new tokens)")
     group.add_argument(
         "--train_text_encoder_ti",
@@ -201,6 +202,13 @@ def add_pivotal_arguments(parser: argparse.ArgumentParser) -> None:
         help="Pivotal tuning: --token_abstraction in the prompts becomes new tokens <s0><s1>... whose embeddings "
         "train with the adapters (textual inversion); not with --train_text_encoder, as in diffusers.",
     )
+    if t5:
+        group.add_argument(
+            "--enable_t5_ti",
+            action="store_true",
+            help="With --train_text_encoder_ti: the new tokens train in T5 too (saved as t5), not only in CLIP; T5 "
+            "then stays in the run and encodes the prompts at every step.",
+        )
     group.add_argument(
         "--token_abstraction",
         type=str,

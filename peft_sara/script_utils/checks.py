@@ -159,6 +159,7 @@ def check_pivotal_arguments(args: argparse.Namespace) -> dict[str, list[str]] | 
             "token_abstraction",
             "num_new_tokens_per_abstraction",
             "train_text_encoder_ti_frac",
+            "enable_t5_ti",
         }
         if ti_flags:
             raise UserInputError(f"--{sorted(ti_flags)[0]} needs --train_text_encoder_ti.")

@@ -51,18 +51,25 @@ def clip_pooled(text_encoders, input_ids) -> tuple[torch.Tensor]:
 
 
 def flux_prompts(
-    tokenizers, text_encoders, prompts: dict[str, str | None], max_sequence_length: int, clip_trains: bool
+    tokenizers,
+    text_encoders,
+    prompts: dict[str, str | None],
+    max_sequence_length: int,
+    clip_trains: bool,
+    t5_trains: bool = False,
 ) -> EncodedPrompts:
-    """The run's prompts encoded once, as FluxPipeline.encode_prompt encodes them (CLIP's part unless it trains)."""
+    """The run's prompts encoded once, as FluxPipeline.encode_prompt encodes them (CLIP's part unless it trains,
+    T5's unless it trains)."""
     (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
     return EncodedPrompts(
-        prompts, t5_tokenizer, t5, max_sequence_length, [clip_tokenizer], [clip], clip_pooled, clip_trains
+        prompts, t5_tokenizer, t5, max_sequence_length, [clip_tokenizer], [clip], clip_pooled, clip_trains, t5_trains
     )
 
 
-def flux_validation_inputs(prompts: EncodedPrompts, clip) -> dict[str, torch.Tensor]:
-    """FluxPipeline's prompt inputs of the validation prompt; where CLIP trains, its part from `clip` as it is."""
-    hidden_states, (pooled,) = prompts.of("validation", [clip])
+def flux_validation_inputs(prompts: EncodedPrompts, clip, t5=None) -> dict[str, torch.Tensor]:
+    """FluxPipeline's prompt inputs of the validation prompt; where CLIP (or T5) trains, its part from `clip`
+    (`t5`) as it is."""
+    hidden_states, (pooled,) = prompts.of("validation", [clip], t5)
     return {"prompt_embeds": hidden_states, "pooled_prompt_embeds": pooled}
 
 
@@ -70,7 +77,8 @@ class FluxDenoisingLoss:
     """Per-sample flow-matching loss of a Flux transformer: latents (or cached distributions) shifted and scaled as
     the VAE's config says, noised, packed 2x2 into tokens with their position ids, and the predicted velocity
     (noise - latents) compared to the true one. With prior preservation the class half of a batch follows the
-    instance half. `guidance_scale` feeds guidance-distilled transformers (Flux.1 [dev]) their guidance input."""
+    instance half. `guidance_scale` feeds guidance-distilled transformers (Flux.1 [dev]) their guidance input. `t5`
+    is the prepared T5 where it trains new tokens."""
 
     def __init__(
         self,
@@ -85,8 +93,9 @@ class FluxDenoisingLoss:
         with_prior_preservation: bool,
         cached_latents: bool = False,
         text_encoder_trains: Callable[[], bool] | None = None,
+        t5=None,
     ) -> None:
-        self.vae, self.transformer, self.text_encoder = vae, transformer, text_encoder
+        self.vae, self.transformer, self.text_encoder, self.t5 = vae, transformer, text_encoder, t5
         self.noise_scheduler = noise_scheduler
         self.prompts, self.flow_matching, self.weight_dtype = prompts, flow_matching, weight_dtype
         self.with_prior_preservation, self.cached_latents = with_prior_preservation, cached_latents
@@ -105,7 +114,8 @@ class FluxDenoisingLoss:
         if self.with_prior_preservation:
             kinds = ["instance"] * (size // 2) + ["class"] * (size // 2)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains()):
-            hidden_states, (pooled,) = self.prompts.batch(kinds, [self.text_encoder], [batch.get("input_ids")])
+            ids = [batch.get("input_ids")]
+            hidden_states, (pooled,) = self.prompts.batch(kinds, [self.text_encoder], ids, self.t5)
         device = latents.device
         guidance = None
         if self.guidance_scale is not None:

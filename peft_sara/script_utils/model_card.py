@@ -84,7 +84,7 @@ The folders {", ".join(f"`{folder}/`" for folder in folders)} are standard PEFT 
 """
     if new_tokens:
         body += _new_tokens_section(
-            source, repo_id is not None, pipeline_lines, new_tokens, embeddings_file, embedding_keys, denoiser
+            source, repo_id is not None, pipeline_lines, new_tokens, embeddings_file, embedding_keys, family
         )
     if validation_prompt and images:
         gallery = "\n".join(f"![{path.stem}]({path.relative_to(output_dir).as_posix()})" for path in images)
@@ -142,12 +142,14 @@ def _new_tokens_section(
     new_tokens: dict[str, list[str]],
     embeddings_file: str,
     embedding_keys: Sequence[str],
-    denoiser: str,
+    family: str,
 ) -> str:
     """How to prompt with the new tokens of pivotal tuning, and how to load them with diffusers' own calls."""
     triggers = "\n".join(f"- `{abstraction}` → `{''.join(tokens)}`" for abstraction, tokens in new_tokens.items())
     all_tokens = [token for tokens in new_tokens.values() for token in tokens]
-    suffixes = {"clip_l": "", "clip_g": "_2"}
+    # the pipeline attribute suffix of each key's text encoder and tokenizer: T5 is Flux's second, SD3's third
+    suffixes = {"clip_l": "", "clip_g": "_2", "t5": "_3" if family == "sd3" else "_2"}
+    denoiser = DENOISERS[family]
     calls = "\n".join(
         f'pipe.load_textual_inversion(state_dict["{key}"], token={json.dumps(all_tokens)}, '
         f"text_encoder=pipe.text_encoder{suffixes[key]}, tokenizer=pipe.tokenizer{suffixes[key]})"

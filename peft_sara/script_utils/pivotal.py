@@ -2,15 +2,15 @@
 prompts (`TOK`) becomes new tokens `<s0><s1>...` in every tokenizer of the run, whose embedding rows train with the
 SaRA adapters for the first part of the run, while every other row of the embedding matrices stays bit-exact.
 
-The SD script passes one (tokenizer, text encoder) pair, the SDXL script two: the first's rows are saved as `clip_l`,
-the second's as `clip_g`, in `<output folder name>_emb.safetensors`.
+The scripts pass their (tokenizer, text encoder) pairs by the key their rows are saved under in
+`<output folder name>_emb.safetensors`: `clip_l` (SD, and every script's first CLIP), `clip_g` (SDXL's and SD3's
+second CLIP), `t5` (Flux's and SD3's T5 with --enable_t5_ti).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,7 @@ class _NewRows:
 
 
 class NewTokenEmbeddings:
-    """The new tokens of a pivotal-tuning run in every (tokenizer, text encoder) pair given.
+    """The new tokens of a pivotal-tuning run in every (tokenizer, text encoder) pair given, by file key.
 
     Creating it adds the tokens to each tokenizer and their rows to each text encoder's input embeddings, initialised
     as diffusers does (normal noise times the standard deviation of the existing rows); the embedding weight becomes
@@ -153,12 +153,13 @@ class NewTokenEmbeddings:
     `trains` tells the training loop whether the text encoders still need gradients.
     """
 
-    def __init__(self, pairs: Sequence[tuple[Any, torch.nn.Module]], tokens: list[str]) -> None:
-        if len(pairs) > len(TOKEN_EMBEDDING_KEYS):
-            raise ValueError(f"At most {len(TOKEN_EMBEDDING_KEYS)} text encoders, got {len(pairs)}.")
+    def __init__(self, encoders: dict[str, tuple[Any, torch.nn.Module]], tokens: list[str]) -> None:
+        unknown = sorted(set(encoders) - set(TOKEN_EMBEDDING_KEYS))
+        if unknown or not encoders:
+            raise ValueError(f"Text encoders go under the keys {TOKEN_EMBEDDING_KEYS}, got {list(encoders)}.")
         self.tokens = list(tokens)
-        self.rows = [_NewRows(tokenizer, text_encoder, self.tokens) for tokenizer, text_encoder in pairs]
-        self.keys = list(TOKEN_EMBEDDING_KEYS)[: len(pairs)]
+        self.keys = list(encoders)
+        self.rows = [_NewRows(tokenizer, text_encoder, self.tokens) for tokenizer, text_encoder in encoders.values()]
         self.train_steps: int | None = None
         self.step = 0
         self.trains = True
@@ -191,7 +192,7 @@ class NewTokenEmbeddings:
         self.trains = False
 
     def embeddings(self) -> dict[str, torch.Tensor]:
-        """The new rows by file key (`clip_l`, `clip_g`), fp32 on the CPU: what the embeddings file holds."""
+        """The new rows by file key (`clip_l`, `clip_g`, `t5`), fp32 on the CPU: what the embeddings file holds."""
         return {key: rows.new_rows() for key, rows in zip(self.keys, self.rows)}
 
     def save_state(self, folder: Path) -> None:

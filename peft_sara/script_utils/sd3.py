@@ -66,26 +66,31 @@ def joint_prompt_embeds(t5: torch.Tensor, clip_hidden_states: torch.Tensor) -> t
 
 
 def sd3_prompts(
-    tokenizers, text_encoders, prompts: dict[str, str | None], max_sequence_length: int, clip_trains: bool
+    tokenizers,
+    text_encoders,
+    prompts: dict[str, str | None],
+    max_sequence_length: int,
+    clip_trains: bool,
+    t5_trains: bool = False,
 ) -> EncodedPrompts:
     """The run's prompts encoded once, as StableDiffusion3Pipeline.encode_prompt encodes them (the CLIP part unless
-    the CLIP encoders train). The validation's negative prompt is the pipeline's default, empty one."""
+    the CLIP encoders train, T5's unless it trains). The validation's negative prompt is the pipeline's default,
+    empty one."""
     *clip_tokenizers, t5_tokenizer = tokenizers
     *clip_encoders, t5 = text_encoders
     if prompts.get("validation") is not None:
         prompts = {**prompts, "negative": ""}
-    return EncodedPrompts(
-        prompts, t5_tokenizer, t5, max_sequence_length, clip_tokenizers, clip_encoders, sd3_clip_encoding, clip_trains
-    )
+    encoding = (clip_tokenizers, clip_encoders, sd3_clip_encoding, clip_trains, t5_trains)
+    return EncodedPrompts(prompts, t5_tokenizer, t5, max_sequence_length, *encoding)
 
 
-def sd3_validation_inputs(prompts: EncodedPrompts, clip_encoders) -> dict[str, torch.Tensor]:
+def sd3_validation_inputs(prompts: EncodedPrompts, clip_encoders, t5=None) -> dict[str, torch.Tensor]:
     """StableDiffusion3Pipeline's prompt inputs of the validation prompt and its negative prompt; where the CLIP
-    encoders train, their part from them as they are."""
+    encoders (or T5) train, their part from them as they are."""
     inputs = {}
     for kind, prefix in (("validation", ""), ("negative", "negative_")):
-        t5, (clip_hidden_states, pooled) = prompts.of(kind, clip_encoders)
-        inputs[f"{prefix}prompt_embeds"] = joint_prompt_embeds(t5, clip_hidden_states)
+        t5_states, (clip_hidden_states, pooled) = prompts.of(kind, clip_encoders, t5)
+        inputs[f"{prefix}prompt_embeds"] = joint_prompt_embeds(t5_states, clip_hidden_states)
         inputs[f"{prefix}pooled_prompt_embeds"] = pooled
     return inputs
 
@@ -94,7 +99,8 @@ class SD3DenoisingLoss:
     """Per-sample flow-matching loss of an SD3 transformer: latents (or cached distributions) shifted and scaled as
     the VAE's config says and noised; with `precondition_outputs` (diffusers' default) the prediction is turned into
     an estimate of the latents (prediction·(-σ) + noisy) and compared to them, else the predicted velocity to
-    noise - latents. With prior preservation the class half of a batch follows the instance half."""
+    noise - latents. With prior preservation the class half of a batch follows the instance half. `t5` is the
+    prepared T5 where it trains new tokens."""
 
     def __init__(
         self,
@@ -109,8 +115,9 @@ class SD3DenoisingLoss:
         with_prior_preservation: bool,
         cached_latents: bool = False,
         text_encoder_trains: Callable[[], bool] | None = None,
+        t5=None,
     ) -> None:
-        self.vae, self.transformer, self.text_encoders = vae, transformer, text_encoders
+        self.vae, self.transformer, self.text_encoders, self.t5 = vae, transformer, text_encoders, t5
         self.noise_scheduler, self.prompts, self.flow_matching = noise_scheduler, prompts, flow_matching
         self.weight_dtype, self.precondition_outputs = weight_dtype, precondition_outputs
         self.with_prior_preservation, self.cached_latents = with_prior_preservation, cached_latents
@@ -125,11 +132,11 @@ class SD3DenoisingLoss:
             kinds = ["instance"] * (size // 2) + ["class"] * (size // 2)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_encoder_trains()):
             ids = [batch.get("input_ids"), batch.get("input_ids_2")]
-            t5, (clip_hidden_states, pooled) = self.prompts.batch(kinds, self.text_encoders, ids)
+            t5_states, (clip_hidden_states, pooled) = self.prompts.batch(kinds, self.text_encoders, ids, self.t5)
         prediction = self.transformer(
             hidden_states=noisy,
             timestep=timesteps,
-            encoder_hidden_states=joint_prompt_embeds(t5, clip_hidden_states).to(self.weight_dtype),
+            encoder_hidden_states=joint_prompt_embeds(t5_states, clip_hidden_states).to(self.weight_dtype),
             pooled_projections=pooled.to(self.weight_dtype),
             return_dict=False,
         )[0]
