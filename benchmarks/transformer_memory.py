@@ -9,7 +9,9 @@ time) and for the training steps (the peak counter is reset in between), and the
 (weights, adapter, gradients kept, optimizer state). Two depths give the held memory per block and its intercept
 (embedders, output, the process itself), hence the full model's by linear extrapolation; a training step's
 transient above it (one layer's work, and on CPU the allocator's) does not grow with the depth and is added as
-measured, the larger of the two depths'. A run needs the larger of the set-up and the training figure. Methods:
+measured, the larger of the two depths'. The activations a step saves do grow with the depth (at 1024 px they
+dominate), so the training peak is also extrapolated linearly, and the full model's training figure is the larger
+of the two. A run needs the larger of the set-up and the training figure. Methods:
 - `frozen`: the floor, nothing trains;
 - `dense_grad`: every Linear weight's dense gradient computed and dropped at once (no optimizer), the least any
   method that adapts every weight must hold;
@@ -18,9 +20,13 @@ measured, the larger of the two depths'. A run needs the larger of the set-up an
 - `lora_attention`: PEFT LoRA r=16 on the attention projections (image and text streams), what Flux LoRA users
   run, its weights in fp32 as diffusers' scripts keep them.
 
-On a CPU the resolution must stay small (the default 128 px); activations at 1024 px then need a GPU run. Example:
+At the default 128 px the figures are the model's, adapter's and optimizer's; `--resolution 1024 --text-tokens 512
+--gradient-checkpointing` adds the activations of a real Flux run (a CPU takes about a minute a step there, so
+`--methods` picks a few). Examples:
 
     python -m benchmarks.transformer_memory --model flux --blocks 1 2 --output docs/benchmark_flux_blocks.json
+    python -m benchmarks.transformer_memory --model flux --blocks 1 2 --resolution 1024 --text-tokens 512 \
+        --gradient-checkpointing --steps 1 --methods frozen,lora_attention,sara_0.02
 """
 
 from __future__ import annotations
@@ -85,6 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="Training batch size.")
     parser.add_argument("--steps", type=int, default=2, help="Optimizer steps per method.")
     parser.add_argument("--fractions", default="0.01,0.02,0.058", help="SaRA's shares of the Linear weights.")
+    parser.add_argument(
+        "--methods",
+        help="Comma-separated methods to run (default: frozen, dense_grad, lora_attention and SaRA at --fractions).",
+    )
+    parser.add_argument(
+        "--layerwise-casting",
+        choices=["float8_e4m3fn", "float8_e5m2"],
+        help="Store the frozen transformer's weights in this fp8 dtype, computing in bf16 under autocast (diffusers' "
+        "enable_layerwise_casting, the training scripts' --layerwise_casting with --mixed_precision bf16), after the "
+        "adapter is added.",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="Recompute each block in the backward pass, as the training scripts' --gradient_checkpointing does.",
+    )
     parser.add_argument("--lora-rank", type=int, default=16, help="Rank of the LoRA peer.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--output", help="Write the results as JSON to this file.")
@@ -187,7 +209,11 @@ def run(args: argparse.Namespace) -> dict:
     transformer = build_transformer(args.model, blocks, args.device)
     linear_weights = sum(m.weight.numel() for m in transformer.modules() if type(m) is torch.nn.Linear)
     parameters = sum(p.numel() for p in transformer.parameters())
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     model, trainable = prepare_method(transformer, method, args.lora_rank)
+    if args.layerwise_casting:  # as the scripts do it: after the adapter, whose own weights diffusers leaves alone
+        transformer.enable_layerwise_casting(storage_dtype=getattr(torch, args.layerwise_casting))
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-2) if trainable else None
     if method.startswith("sara_"):
         peft_sara.attach(model, optimizer)
@@ -196,8 +222,12 @@ def run(args: argparse.Namespace) -> dict:
     setup_peak = peak_memory_bytes(args.device)
     reset_peak_memory(args.device)
     start = time.perf_counter()
+    # fp8 storage computes in bf16 under autocast, as the scripts run it (--mixed_precision bf16): LoRA's fp32 weights
+    # then meet bf16 inputs, which diffusers' casting hooks no longer cast for PEFT layers
+    autocast = torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=bool(args.layerwise_casting))
     for _ in range(args.steps):
-        prediction = model(**inputs, return_dict=False)[0]
+        with autocast:
+            prediction = model(**inputs, return_dict=False)[0]
         loss = prediction.float().square().mean()
         loss.backward()
         if optimizer is not None:
@@ -219,10 +249,37 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def methods_to_run(args: argparse.Namespace) -> list[str]:
+    """`--methods`, or frozen, dense_grad, LoRA and SaRA at each of `--fractions` (without dense_grad under fp8
+    storage, whose weights take no gradient); exits with one line on a name it does not know."""
+    if not args.methods:
+        floors = ["frozen"] if args.layerwise_casting else ["frozen", "dense_grad"]
+        return floors + ["lora_attention"] + [f"sara_{fraction.strip()}" for fraction in args.fractions.split(",")]
+    methods = [method.strip() for method in args.methods.split(",")]
+    unknown = [m for m in methods if m not in ("frozen", "dense_grad", "lora_attention") and not is_sara(m)]
+    if unknown or "frozen" not in methods:
+        sys.exit(
+            f"error: --methods {args.methods!r}: give frozen (the ratios' base) and any of dense_grad, "
+            "lora_attention, sara_<fraction> (e.g. sara_0.02)."
+        )
+    if args.layerwise_casting and "dense_grad" in methods:
+        sys.exit("error: dense_grad needs gradients of the stored weights, which fp8 storage does not give.")
+    return methods
+
+
+def is_sara(method: str) -> bool:
+    """Whether a method name is SaRA at a share of the Linear weights in (0, 1], e.g. sara_0.02."""
+    try:
+        return method.startswith("sara_") and 0 < float(method.removeprefix("sara_")) <= 1
+    except ValueError:
+        return False
+
+
 def extrapolate(rows: list[dict], full_depth: int) -> dict:
     """The held memory and the set-up peak per block and at the full depth from the figures at two depths (linear in
     the depth), the trainable values likewise; the training peak at the full depth is its held memory plus the largest
-    measured transient, and the full model's peak the larger of set-up and training."""
+    measured transient or the training peak extrapolated linearly (activations grow with the depth), whichever is
+    larger, and the full model's peak the larger of set-up and training."""
     low, high = sorted(rows, key=lambda row: row["blocks"])
 
     def linear(key: str) -> tuple[float, float]:
@@ -233,7 +290,9 @@ def extrapolate(rows: list[dict], full_depth: int) -> dict:
     figures["held_per_block_bytes"], figures["held_full_model_bytes"] = linear("held_bytes")
     figures["setup_full_model_bytes"] = linear("setup_peak_bytes")[1]
     figures["training_transient_bytes"] = max(row["training_peak_bytes"] - row["held_bytes"] for row in rows)
-    figures["training_full_model_bytes"] = figures["held_full_model_bytes"] + figures["training_transient_bytes"]
+    figures["training_full_model_bytes"] = max(
+        figures["held_full_model_bytes"] + figures["training_transient_bytes"], linear("training_peak_bytes")[1]
+    )
     figures["full_model_bytes"] = max(figures["setup_full_model_bytes"], figures["training_full_model_bytes"])
     return figures
 
@@ -264,8 +323,7 @@ def main(argv=None) -> None:
         return
     if args.blocks[0] < 1 or args.blocks[1] <= args.blocks[0]:
         sys.exit("error: --blocks takes two depths, the second larger, e.g. --blocks 1 2")
-    methods = ["frozen", "dense_grad", "lora_attention"]
-    methods += [f"sara_{fraction.strip()}" for fraction in args.fractions.split(",")]
+    methods = methods_to_run(args)
     argv = list(argv if argv is not None else sys.argv[1:])
     results = {}
     for method in methods:

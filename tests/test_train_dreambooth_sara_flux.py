@@ -216,6 +216,23 @@ def test_t5_pivotal_tuning_trains_the_new_rows_in_t5_too_and_they_load_into_toke
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
+def test_an_fp8_base_in_bf16_trains_with_fp32_values_and_loads(flux_args, tiny_flux_pipeline_dir, tmp_path):
+    """What Flux users run on a 24 GB GPU: --mixed_precision bf16 with the transformer stored in fp8
+    (--layerwise_casting); SaRA's values stay fp32 in training, and the adapter loads into a plain pipeline."""
+    output = tmp_path / "out"
+    args = flux_args + ["--output_dir", str(output), "--max_train_steps", "2", "--learning_rate", "5e-2"]
+    args += ["--mixed_precision", "bf16", "--layerwise_casting", "float8_e4m3fn", "--gradient_checkpointing"]
+    load_script(SCRIPT_NAME).main(args)
+    saved = load_file(output / "transformer" / "adapter_model.safetensors")
+    values = [tensor for key, tensor in saved.items() if "sara_values" in key]
+    assert values and all(tensor.dtype == torch.float32 for tensor in values), "saved at the training precision"
+    assert any(tensor.abs().sum() > 0 for tensor in values)
+    pipeline = load_base(tiny_flux_pipeline_dir)
+    before = generate(pipeline)
+    peft_sara.load_sara_weights(pipeline, str(output))
+    assert np.abs(generate(pipeline) - before).max() > 1e-4
+
+
 def test_a_transformer_without_guidance_input_trains(tmp_path):
     from conftest import tiny_flux_pipeline
 
