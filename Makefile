@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet --upgrade --upgrade-strategy eager $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) \
-		"$(TORCH)" -e ".[test,train,bench]"
+		"$(TORCH)" -e ".[test,train,bench,deepspeed]"
 	touch $(STAMP)
 
 # The versions a run tests, printed first in its log.

@@ -1,6 +1,7 @@
 """Tensors that a sharding engine splits across processes (FSDP2's `fully_shard` makes every parameter a DTensor
 sharded along its first dimension): what SaRA's training logic needs of them, whole or as this process's shard; and
 the engines SaRA does not train under yet, recognised so that they are refused instead of training wrong values.
+(DeepSpeed ZeRO-1/2, which keeps the values whole but steps fp32 copies of them, has its own module, `zero`.)
 
 `full_tensor` is a collective: every process must call it for the same tensors in the same order, which SaRA's step
 hooks do (their decisions depend only on the step count, the seed and the parameters). The other helpers take no
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .zero import zero_optimizer
+
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # a torch built without distributed support: nothing can be sharded
@@ -26,9 +29,15 @@ _USE_INSTEAD = (
     "(torch.distributed.fsdp.fully_shard)"
 )
 DEEPSPEED_REFUSAL = (
-    "SaRA does not train under DeepSpeed yet: ZeRO steps its own fp32 copies of the SaRA values, which the "
-    "regulariser and the progressive step do not reach, so the run would train other values than it reports; "
-    f"{_USE_INSTEAD}."
+    "SaRA trains under DeepSpeed with ZeRO stage 1 or 2 and a torch optimizer only: this DeepSpeed optimizer steps "
+    "copies of the SaRA values that the regulariser and the progressive step do not reach, so the run would train "
+    f"other values than it reports; set zero_optimization.stage to 1 or 2, or {_USE_INSTEAD}."
+)
+ACCELERATE_DEEPSPEED_REFUSAL = (
+    "The training scripts do not run under accelerate's DeepSpeed plugin yet (untested: accelerate saves DeepSpeed "
+    "checkpoints of the whole model, not the scripts' adapter checkpoints); train with DDP (accelerate launch "
+    "--config_file configs/accelerate/multi_gpu_ddp.yaml), or use ZeRO-1/2 from Python with peft_sara.attach "
+    "(README: Sharded training)."
 )
 FSDP1_REFUSAL = (
     "SaRA does not train under FSDP1 (FullyShardedDataParallel) yet: its flat parameters hold shards of the base "
@@ -79,15 +88,17 @@ def local_positions(positions: torch.Tensor, reference: torch.Tensor) -> torch.T
 
 
 def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | None:
-    """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer or engine, ZeRO-3 partitioned
-    parameters, FSDP1 wrappers), as one line naming the fix; None where it can."""
+    """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer other than ZeRO-1/2's, or a
+    DeepSpeed engine without one; ZeRO-3 partitioned parameters; FSDP1 wrappers), as one line naming the fix; None
+    where it can."""
+    zero = zero_optimizer(optimizer)
     wrapped = optimizer
-    while wrapped is not None:
+    while wrapped is not None and wrapped is not zero:
         if _from_deepspeed(wrapped):
             return DEEPSPEED_REFUSAL
         wrapped = getattr(wrapped, "optimizer", None)
     for model in models:
-        if _from_deepspeed(model):
+        if _from_deepspeed(model) and zero is None:
             return DEEPSPEED_REFUSAL
         if any(is_zero3_partitioned(param) for param in model.parameters()):
             return ZERO3_REFUSAL
@@ -105,7 +116,7 @@ def unsupported_launch(distributed_type: str) -> str | None:
     """Why a training script cannot run under accelerate's engine of this launch (its `DistributedType` name), said
     before any model is loaded; None where it can."""
     if distributed_type == "DEEPSPEED":
-        return DEEPSPEED_REFUSAL
+        return ACCELERATE_DEEPSPEED_REFUSAL
     if distributed_type == "FSDP":
         return ACCELERATE_FSDP_REFUSAL
     return None

@@ -4,7 +4,8 @@ Both act inside `optimizer.step()` through the optimizer's step hooks, so a trai
 `peft_sara.attach(model, optimizer)`, and steps that do not happen (gradient accumulation, a gradient-scaler step
 skipped for inf/NaN gradients, also inside a fused optimizer) do nothing. Decisions depend only on the step count,
 the seed and the (identical) parameters, so every process of a distributed run takes the same ones, and a resumed run
-takes them again.
+takes them again. Under DeepSpeed ZeRO-1/2 the hooks sit on the torch optimizer that ZeRO steps on its fp32
+partitions, once per parameter group, and act on those partitions (`zero.ZeroPartitions`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from .config import SaRAConfig
 from .layer import SaRALayer
 from .sharding import full_tensor, is_sharded, like, local, local_positions, unsupported_engine
+from .zero import ZeroPartitions, zero_optimizer
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -113,11 +115,12 @@ class _TrainedUpdate:
     def weight_shape(self) -> torch.Size:
         return self.layer.get_base_layer().weight.shape
 
-    def effective_values(self) -> torch.Tensor:
+    def effective_values(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 value of the weight at the trainable positions: base + scale · update (whole, also where an engine
-        shards the values)."""
+        shards the values; `values`: the update as an engine steps it, where that is not the model's)."""
         base = self.layer.base_entries(self.adapter).float()
-        return base + self.layer.sara_scaling[self.adapter] * full_tensor(self.values.detach())
+        values = full_tensor(self.values.detach()) if values is None else values
+        return base + self.layer.sara_scaling[self.adapter] * values
 
 
 class SaRATraining:
@@ -132,7 +135,9 @@ class SaRATraining:
         refusal = unsupported_engine(models, optimizer)
         if refusal is not None:
             raise ValueError(refusal)
-        self.optimizer = _unwrap_optimizer(optimizer)
+        zero = zero_optimizer(optimizer)
+        self.zero = ZeroPartitions(zero) if zero is not None else None  # DeepSpeed ZeRO-1/2 steps fp32 partitions
+        self.optimizer = self.zero.optimizer if self.zero is not None else _unwrap_optimizer(optimizer)
         if getattr(self.optimizer, "_sara_training", None) is not None:
             raise ValueError("peft_sara.attach was already called for this optimizer; call it once per optimizer.")
         self.updates = [
@@ -146,7 +151,8 @@ class SaRATraining:
                 "model.add_adapter(SaRAConfig(...)), and do not load it in inference mode."
             )
         held = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
-        not_held = [update.key for update in self.updates if id(update.values) not in held]
+        holds = self.zero.holds if self.zero is not None else (lambda values: id(values) in held)
+        not_held = [update.key for update in self.updates if not holds(update.values)]
         if not_held:
             raise ValueError(
                 f"The optimizer does not hold the SaRA parameters of {len(not_held)} layer(s), e.g. {not_held[:2]}. "
@@ -156,6 +162,8 @@ class SaRATraining:
         self._rank_candidates = _rank_candidates(self.updates)
         self.step = 0
         self._skipping_step = False
+        self._grad_scale: torch.Tensor | None = None
+        self._regularised: list[tuple[float, _TrainedUpdate]] = []  # this step's (λ, layer) per adapter config
         self.last_rank_loss: torch.Tensor | None = None
         self.last_rank_layers: list[str] = []
         # per frozen update: its positions, those this process holds (in its shard), their values, the gradient hook
@@ -178,21 +186,37 @@ class SaRATraining:
         frozen = sum(positions.numel() for positions, _, _, _ in self._frozen.values())
         return frozen / total if total else 0.0
 
+    def _stepped_group(self) -> int | None:
+        """Under ZeRO, the parameter group whose partition the optimizer is stepping now; None: all at once."""
+        return self.zero.stepped_group() if self.zero is not None else None
+
+    def _in_group(self, update: _TrainedUpdate, group: int | None) -> bool:
+        return group is None or self.zero.group_of(update.values) == group
+
+    def _effective_values(self, update: _TrainedUpdate) -> torch.Tensor:
+        values = self.zero.full_values(update.values) if self.zero is not None else None
+        return update.effective_values(values)
+
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self.last_rank_loss, self.last_rank_layers = None, []
-        grad_scale, self._skipping_step = _gradient_scaling(optimizer)
+        group = self._stepped_group()
+        if group in (None, 0):  # a new step: choose the layers to regularise
+            self.last_rank_loss, self.last_rank_layers = None, []
+            self._grad_scale, self._skipping_step = _gradient_scaling(optimizer)
+            self._regularised = []
+            for config, candidates in self._rank_candidates:
+                generator = torch.Generator().manual_seed(config.rank_seed * 1_000_003 + self.step)
+                chosen = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
+                self._regularised.append((config.lambda_rank, chosen))
         if self._skipping_step:
             return
-        for config, candidates in self._rank_candidates:
-            generator = torch.Generator().manual_seed(config.rank_seed * 1_000_003 + self.step)
-            chosen = candidates[int(torch.randint(len(candidates), (1,), generator=generator))]
-            loss = self._add_nuclear_norm_subgradient(chosen, config.lambda_rank, grad_scale)
-            self.last_rank_layers.append(chosen.key)
-            self.last_rank_loss = loss if self.last_rank_loss is None else self.last_rank_loss + loss
+        for weight, chosen in self._regularised:
+            if self._in_group(chosen, group):
+                loss = self._add_nuclear_norm_subgradient(chosen, weight, self._grad_scale)
+                self.last_rank_layers.append(chosen.key)
+                self.last_rank_loss = loss if self.last_rank_loss is None else self.last_rank_loss + loss
 
-    @staticmethod
     def _add_nuclear_norm_subgradient(
-        update: _TrainedUpdate, weight: float, grad_scale: torch.Tensor | None
+        self, update: _TrainedUpdate, weight: float, grad_scale: torch.Tensor | None
     ) -> torch.Tensor:
         """Add weight · ∂‖P_M‖_*/∂update = weight · scale · (U Vᵀ)[M] to the update's gradient, times `grad_scale`
         when the gradients are still multiplied by a gradient scaler's scale.
@@ -200,13 +224,16 @@ class SaRATraining:
         Returns weight · ‖P_M‖_*, the regulariser's value.
         """
         masked = torch.zeros(update.weight_shape, dtype=torch.float32, device=update.values.device)
-        masked.view(-1).index_add_(0, update.indices, update.effective_values())
+        masked.view(-1).index_add_(0, update.indices, self._effective_values(update))
         polar, nuclear_norm = polar_factor(masked)
         subgradient = polar.view(-1).index_select(0, update.indices)
         subgradient.mul_(weight * update.layer.sara_scaling[update.adapter])
         if grad_scale is not None:
             subgradient.mul_(grad_scale.to(subgradient.device))
         values = update.values
+        if self.zero is not None:
+            self.zero.add_to_gradient(values, subgradient)
+            return weight * nuclear_norm
         subgradient = like(subgradient.to(values.dtype), values)
         values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
         return weight * nuclear_norm
@@ -214,12 +241,21 @@ class SaRATraining:
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._skipping_step:
             return
+        group = self._stepped_group()
+        for key, (positions, held, frozen_values, _) in self._frozen.items():
+            update = self._updates_by_key[key]
+            if not self._in_group(update, group):
+                continue
+            if self.zero is not None:
+                self.zero.write(update.values, positions, frozen_values)
+            else:
+                local(update.values.data).index_copy_(0, held, frozen_values)
+        if self.zero is not None and group != self.zero.last_group:
+            return  # ZeRO steps the remaining groups next, in the same step
         self.step += 1
-        for key, (_, held, frozen_values, _) in self._frozen.items():
-            local(self._updates_by_key[key].values.data).index_copy_(0, held, frozen_values)
         for update in self.updates:
             if update.config.progressive_step == self.step and update.key not in self._frozen:
-                still_small = update.effective_values().abs() < update.config.threshold
+                still_small = self._effective_values(update).abs() < update.config.threshold
                 self._freeze(update, (~still_small).nonzero().squeeze(1))
 
     def _freeze(self, update: _TrainedUpdate, positions: torch.Tensor) -> None:
@@ -227,6 +263,11 @@ class SaRATraining:
         values = update.values
         positions = positions.to(values.device)
         held = local_positions(positions, values)  # the positions this process holds, where the values are sharded
+        if self.zero is not None:  # ZeRO steps fp32 copies: keep theirs, written back into them after each step
+            frozen_values = self.zero.full_values(values).index_select(0, positions)
+            handle = values.register_hook(lambda grad: grad.index_fill(0, positions, 0))
+            self._frozen[update.key] = (positions, positions, frozen_values, handle)
+            return
         if is_sharded(values):
             # FSDP2 reduce-scatters into the sharded values' .grad outside autograd's view of them: a tensor hook
             # never runs there, the hook after accumulation does (before clipping and the step)
@@ -266,9 +307,10 @@ def attach(model: nn.Module | Sequence[nn.Module], optimizer: Any) -> SaRATraini
     """Make `optimizer.step()` apply SaRA's regulariser and progressive step to the model's trainable SaRA adapters.
 
     `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate or
-    sharded by FSDP2's `fully_shard`, or a list of such models trained by the same optimizer (a UNet and its text
-    encoder); `optimizer` a torch optimizer or one wrapped by accelerate. DeepSpeed and FSDP1 are refused (see
-    `sharding.unsupported_engine`).
+    sharded by FSDP2's `fully_shard`, or a DeepSpeed ZeRO-1/2 engine, or a list of such models trained by the same
+    optimizer (a UNet and its text encoder); `optimizer` a torch optimizer, one wrapped by accelerate, or the ZeRO
+    optimizer `deepspeed.initialize` returns around a torch optimizer (see `zero`). ZeRO-3, DeepSpeed without ZeRO
+    and FSDP1 are refused (see `sharding.unsupported_engine`).
     """
     return SaRATraining(model, optimizer)
 

@@ -19,6 +19,7 @@ from peft_sara import SaRAConfig, attach
 from peft_sara.script_utils.cli import UserInputError
 from peft_sara.script_utils.setup import make_accelerator
 from peft_sara.sharding import (
+    ACCELERATE_DEEPSPEED_REFUSAL,
     ACCELERATE_FSDP_REFUSAL,
     DEEPSPEED_REFUSAL,
     FSDP1_REFUSAL,
@@ -53,14 +54,27 @@ def deepspeed_stand_in(class_name: str, module: str, **attributes):
     return type(class_name, (), {"__module__": module, **attributes})()
 
 
-def test_attach_refuses_deepspeeds_optimizer_as_accelerate_wraps_it():
+def test_attach_refuses_deepspeeds_zero3_optimizer_as_accelerate_wraps_it():
     model = sara_unet()
-    zero = deepspeed_stand_in("DeepSpeedZeroOptimizer", "deepspeed.runtime.zero.stage_1_and_2")
+    zero = deepspeed_stand_in("DeepSpeedZeroOptimizer_Stage3", "deepspeed.runtime.zero.stage3")
     zero.param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     wrapper = deepspeed_stand_in("DeepSpeedOptimizerWrapper", "accelerate.utils.deepspeed", optimizer=zero)
     with pytest.raises(ValueError) as error:
         attach(model, wrapper)
-    assert str(error.value) == DEEPSPEED_REFUSAL and "multi_gpu_ddp.yaml" in str(error.value)
+    assert str(error.value) == DEEPSPEED_REFUSAL and "stage to 1 or 2" in str(error.value)
+
+
+def test_attach_refuses_zero_with_optimizer_offload_or_without_a_torch_optimizer():
+    model = sara_unet()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    stage = "deepspeed.runtime.zero.stage_1_and_2"
+    offloaded = deepspeed_stand_in("DeepSpeedZeroOptimizer", stage, optimizer=optimizer, cpu_offload=True)
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        attach(model, offloaded)
+    own_adam = deepspeed_stand_in("DeepSpeedZeroOptimizer", stage, optimizer=object(), cpu_offload=False)
+    with pytest.raises(ValueError, match="needs a torch optimizer inside ZeRO"):
+        attach(model, own_adam)
 
 
 def test_attach_refuses_a_deepspeed_engine():
@@ -98,7 +112,7 @@ def test_attach_refuses_fsdp1():
 
 
 def test_scripts_refuse_accelerates_deepspeed_and_fsdp_launches_before_loading_anything(tmp_path, monkeypatch):
-    assert unsupported_launch("DEEPSPEED") == DEEPSPEED_REFUSAL
+    assert unsupported_launch("DEEPSPEED") == ACCELERATE_DEEPSPEED_REFUSAL
     assert unsupported_launch("FSDP") == ACCELERATE_FSDP_REFUSAL
     assert unsupported_launch("MULTI_GPU") is None and unsupported_launch("NO") is None
     from accelerate import Accelerator
@@ -108,7 +122,7 @@ def test_scripts_refuse_accelerates_deepspeed_and_fsdp_launches_before_loading_a
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
     with pytest.raises(UserInputError) as error:
         make_accelerator(str(tmp_path), "logs", 1, "no", "none", seed=0)
-    assert str(error.value) == DEEPSPEED_REFUSAL
+    assert str(error.value) == ACCELERATE_DEEPSPEED_REFUSAL
 
 
 def test_plain_tensors_pass_through():

@@ -15,12 +15,17 @@ from peft_sara import SaRAConfig, attach  # noqa: E402
 from peft_sara.sharding import full_tensor  # noqa: E402
 
 
-def sara_training(sharded: bool):
-    """The tiny SaRA UNet (regulariser on, progressive step after 2 steps), sharded or not, its AdamW and attach."""
+def sara_model():
+    """The tiny SaRA UNet (regulariser on, progressive step after 2 steps), the same in every process."""
     torch.manual_seed(0)
-    unet = tiny_unet()
     config = SaRAConfig(threshold=0.02, init_weights=False, rank_min_dim=8, lambda_rank=0.2, progressive_step=2)
-    model = get_peft_model(unet, config)
+    return get_peft_model(tiny_unet(), config)
+
+
+def sara_training(sharded: bool):
+    """The tiny SaRA UNet, sharded or not, its AdamW and attach."""
+    model = sara_model()
+    unet = model.base_model.model
     if sharded:
         from torch.distributed.fsdp import fully_shard
 

@@ -1,0 +1,72 @@
+"""Worker for test_zero: the tiny SaRA UNet of fsdp2_train (regulariser, progressive step, clipping) trained with
+attach() under DeepSpeed ZeRO in each of two gloo processes on CPU, which all see the same batches, so that their
+averaged gradients are the plain run's.
+
+    zero_train.py OUTPUT STAGE GROUPS [PHASE]
+
+PHASE `all` (default) trains 4 steps and saves the adapter; `first` trains 2 and saves a DeepSpeed checkpoint with
+attach's state in its client state; `rest` resumes from that checkpoint, trains steps 3 and 4 and saves the adapter.
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import unet_inputs  # noqa: E402
+from fsdp2_train import sara_model  # noqa: E402
+
+from peft_sara import attach  # noqa: E402
+
+STEPS = 4
+
+
+def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
+    import deepspeed
+
+    model = sara_model()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # two parameter groups (as --text_encoder_lr makes): ZeRO steps the optimizer once per group
+    param_groups = [{"params": trainable}]
+    if groups == 2:
+        param_groups = [{"params": trainable[::2]}, {"params": trainable[1::2]}]
+    optimizer = torch.optim.AdamW(param_groups, lr=0.05)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 1_000_000,
+    }
+    engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    training = attach(engine, zero)
+    checkpoint = os.path.join(output_dir, "checkpoint")
+    steps = range(STEPS)
+    if phase == "first":
+        steps = range(STEPS // 2)
+    elif phase == "rest":
+        _, client_state = engine.load_checkpoint(checkpoint)
+        training.load_state_dict(client_state["sara"])
+        steps = range(STEPS // 2, STEPS)
+    unet = model.base_model.model
+    losses = []
+    for step in steps:
+        loss = engine(**unet_inputs(unet, seed=step)).sample.square().mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach().item())
+    if phase == "first":
+        engine.save_checkpoint(checkpoint, client_state={"sara": training.state_dict()})
+        return
+    main_process = torch.distributed.get_rank() == 0
+    model.save_pretrained(output_dir, is_main_process=main_process)
+    if main_process:
+        report = {"losses": losses, "frozen_fraction": training.frozen_fraction, "training": training.state_dict()}
+        torch.save(report, os.path.join(output_dir, "report.pt"))
+
+
+if __name__ == "__main__":
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    train(sys.argv[1], stage=int(sys.argv[2]), groups=int(sys.argv[3]), phase=(sys.argv[4:] or ["all"])[0])
