@@ -39,7 +39,7 @@ class ZeroPartitions:
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise ValueError(
                 f"SaRA under DeepSpeed needs a torch optimizer inside ZeRO, got {type(self.optimizer).__name__}: "
-                "pass a torch.optim optimizer to deepspeed.initialize (or accelerate.prepare)."
+                "pass a torch.optim optimizer (such as AdamW) to deepspeed.initialize."
             )
         if getattr(zero, "cpu_offload", False):
             raise ValueError(
