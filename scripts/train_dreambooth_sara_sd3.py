@@ -163,7 +163,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         tokenizers, text_encoders, vae, transformer, noise_scheduler = load_sd3_base_models(
             args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype
         )
-        freeze([*text_encoders, vae, transformer], accelerator.device, weight_dtype)
+        # the transformer waits on the CPU while T5 encodes the prompts on the accelerator: the two never share it
+        freeze([*text_encoders, vae], accelerator.device, weight_dtype)
+        freeze([transformer], torch.device("cpu"), weight_dtype)
         clips, clip_tokenizers = text_encoders[:2], tokenizers[:2]
         # New Code #
         # Pivotal tuning: the new tokens join both CLIP tokenizers before any prompt is tokenized; their embedding
@@ -192,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        transformer.to(accelerator.device)
 
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
         dataset = DreamBoothDataset(

@@ -278,7 +278,9 @@ def test_bad_input_is_one_error_line_and_status_2_before_models_load(flux_args, 
     ]
 
 
-def test_t5_is_released_before_training_starts(flux_args, tmp_path):
+def test_t5_is_released_before_training_starts_and_never_shares_the_accelerator_with_the_transformer(
+    flux_args, tmp_path, monkeypatch
+):
     import gc
     import weakref
 
@@ -289,7 +291,9 @@ def test_t5_is_released_before_training_starts(flux_args, tmp_path):
 
     def recorded_prompts(tokenizers, text_encoders, *args, **kwargs):
         t5_refs.append(weakref.ref(text_encoders[1]))
-        return encode(tokenizers, text_encoders, *args, **kwargs)
+        encoded = encode(tokenizers, text_encoders, *args, **kwargs)
+        events.append(("prompts encoded",))
+        return encoded
 
     class CheckedLoss(script.FluxDenoisingLoss):
         def __call__(self, batch):
@@ -297,6 +301,25 @@ def test_t5_is_released_before_training_starts(flux_args, tmp_path):
             alive_during_training.append(t5_refs[0]() is not None)
             return super().__call__(batch)
 
+    def recorded_models(*args, **kwargs):  # the transformer's moves, in order with the prompts' encoding
+        tokenizers, text_encoders, vae, transformer, scheduler = load_models(*args, **kwargs)
+        move = transformer.to
+        transformer.to = lambda *to_args, **to_kwargs: (
+            events.append(("transformer to", to_args)) or move(*to_args, **to_kwargs)
+        )
+        return tokenizers, text_encoders, vae, transformer, scheduler
+
+    from accelerate import Accelerator
+
+    # the accelerator's device told apart from the CPU where the transformer waits (both are the CPU here)
+    accelerator_device = torch.device("cpu", 0)
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: accelerator_device))
+    events, load_models = [], script.load_flux_base_models
     script.flux_prompts, script.FluxDenoisingLoss = recorded_prompts, CheckedLoss
+    script.load_flux_base_models = recorded_models
     script.main(flux_args + ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "2"])
     assert alive_during_training == [False, False], "T5's memory is free while the transformer trains"
+    moves = [index for index, event in enumerate(events) if event[0] == "transformer to" and event[1]]
+    encoded = events.index(("prompts encoded",))
+    assert [events[index][1] for index in moves if index < encoded] == [(torch.device("cpu"),)], "it waits on the CPU"
+    assert (accelerator_device,) in [events[index][1] for index in moves if index > encoded], "it joins after T5"
