@@ -194,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        transformer.to(accelerator.device)
+        if not args.layerwise_casting:  # else it moves once stored in fp8, below
+            transformer.to(accelerator.device)
 
         transform = ImageTransform(args.resolution, args.center_crop, args.random_flip, args.image_interpolation_mode)
         dataset = DreamBoothDataset(
@@ -238,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.layerwise_casting,
             weight_dtype,
         )
+        transformer.to(accelerator.device)  # with --layerwise_casting its bf16 weights never reach the accelerator
         models, params, optimizer, dataloader, lr_scheduler = prepare_optimization(
             accelerator, models, dataloader, learning_rate, args, loop.max_train_steps
         )

@@ -216,13 +216,38 @@ def test_t5_pivotal_tuning_trains_the_new_rows_in_t5_too_and_they_load_into_toke
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
-def test_an_fp8_base_in_bf16_trains_with_fp32_values_and_loads(flux_args, tiny_flux_pipeline_dir, tmp_path):
+def test_an_fp8_base_in_bf16_trains_with_fp32_values_and_loads(
+    flux_args, tiny_flux_pipeline_dir, tmp_path, monkeypatch
+):
     """What Flux users run on a 24 GB GPU: --mixed_precision bf16 with the transformer stored in fp8
-    (--layerwise_casting); SaRA's values stay fp32 in training, and the adapter loads into a plain pipeline."""
+    (--layerwise_casting), which reaches the accelerator already in fp8; SaRA's values stay fp32 in training, and the
+    adapter loads into a plain pipeline."""
+    from accelerate import Accelerator
+
+    script = load_script(SCRIPT_NAME)
+    accelerator_device = torch.device("cpu", 0)  # told apart from the CPU where the transformer waits
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: accelerator_device))
+    dtypes_on_arrival = []
+
+    def recorded_models(*args, **kwargs):
+        models = load_models(*args, **kwargs)
+        transformer, move = models[3], models[3].to
+
+        def to(*to_args, **to_kwargs):
+            if to_args == (accelerator_device,) and not dtypes_on_arrival:
+                linears = [m for m in transformer.modules() if type(m) is torch.nn.Linear]
+                dtypes_on_arrival.extend({module.weight.dtype for module in linears})
+            return move(*to_args, **to_kwargs)
+
+        transformer.to = to
+        return models
+
+    load_models, script.load_flux_base_models = script.load_flux_base_models, recorded_models
     output = tmp_path / "out"
     args = flux_args + ["--output_dir", str(output), "--max_train_steps", "2", "--learning_rate", "5e-2"]
     args += ["--mixed_precision", "bf16", "--layerwise_casting", "float8_e4m3fn", "--gradient_checkpointing"]
-    load_script(SCRIPT_NAME).main(args)
+    script.main(args)
+    assert torch.float8_e4m3fn in dtypes_on_arrival, "stored in fp8 before it reaches the accelerator"
     saved = load_file(output / "transformer" / "adapter_model.safetensors")
     values = [tensor for key, tensor in saved.items() if "sara_values" in key]
     assert values and all(tensor.dtype == torch.float32 for tensor in values), "saved at the training precision"
