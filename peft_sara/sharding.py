@@ -34,10 +34,9 @@ DEEPSPEED_REFUSAL = (
     f"other values than it reports; set zero_optimization.stage to 1 or 2, or {_USE_INSTEAD}."
 )
 ACCELERATE_DEEPSPEED_REFUSAL = (
-    "The training scripts do not run under accelerate's DeepSpeed plugin yet (untested: accelerate saves DeepSpeed "
-    "checkpoints of the whole model, not the scripts' adapter checkpoints); train with DDP (accelerate launch "
-    "--config_file configs/accelerate/multi_gpu_ddp.yaml), or use ZeRO-1/2 from Python with peft_sara.attach "
-    "(README: Sharded training)."
+    "The training scripts run under accelerate's DeepSpeed plugin with ZeRO stage 1 or 2 and no offload only "
+    "(ZeRO-3 partitions the base weights SaRA's op reads whole; offload is untested): use "
+    "configs/accelerate/deepspeed_zero2.yaml, or DDP (configs/accelerate/multi_gpu_ddp.yaml)."
 )
 FSDP1_REFUSAL = (
     "SaRA does not train under FSDP1 (FullyShardedDataParallel) yet: its flat parameters hold shards of the base "
@@ -112,10 +111,11 @@ def is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def unsupported_launch(distributed_type: str) -> str | None:
-    """Why a training script cannot run under accelerate's engine of this launch (its `DistributedType` name), said
-    before any model is loaded; None where it can."""
-    if distributed_type == "DEEPSPEED":
+def unsupported_launch(distributed_type: str, zero_stage: int | None = None, offload: bool = False) -> str | None:
+    """Why a training script cannot run under accelerate's engine of this launch (its `DistributedType` name and,
+    for DeepSpeed, the ZeRO stage and whether anything is offloaded), said before any model is loaded; None where
+    it can."""
+    if distributed_type == "DEEPSPEED" and (zero_stage not in (1, 2) or offload):
         return ACCELERATE_DEEPSPEED_REFUSAL
     if distributed_type == "FSDP":
         return ACCELERATE_FSDP_REFUSAL

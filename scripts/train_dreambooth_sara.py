@@ -61,7 +61,12 @@ from peft_sara.script_utils.models import (
 )
 from peft_sara.script_utils.output import finish_output, lock_output_dir, save_final_adapters
 from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
-from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.setup import (
+    check_deepspeed_run,
+    enable_memory_savings,
+    make_accelerator,
+    prepare_optimization,
+)
 from peft_sara.script_utils.stopping import text_encoder_schedules
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
@@ -110,6 +115,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.report_to,
             args.seed,
             args.allow_tf32,
+        )
+        check_deepspeed_run(
+            accelerator, args.train_text_encoder or bool(args.new_tokens), args.max_grad_norm, args.layerwise_casting
         )
         weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 

@@ -72,7 +72,12 @@ from peft_sara.script_utils.loop import LoopSettings, train
 from peft_sara.script_utils.models import add_sara_adapter, freeze, sara_configs, weight_dtype_of
 from peft_sara.script_utils.output import finish_output, lock_output_dir, save_final_adapters
 from peft_sara.script_utils.pivotal import NewTokenEmbeddings, insert_new_tokens
-from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.setup import (
+    check_deepspeed_run,
+    enable_memory_savings,
+    make_accelerator,
+    prepare_optimization,
+)
 from peft_sara.script_utils.stopping import text_encoder_schedules
 from peft_sara.script_utils.validation import ValidationSettings, sampling_validator
 
@@ -148,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.report_to,
             args.seed,
             args.allow_tf32,
+        )
+        check_deepspeed_run(
+            accelerator, args.train_text_encoder or bool(args.new_tokens), args.max_grad_norm, args.layerwise_casting
         )
         weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 

@@ -75,7 +75,12 @@ from peft_sara.script_utils.sd3 import (
     sd3_validation_inputs,
     sd3_validation_pipeline,
 )
-from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.setup import (
+    check_deepspeed_run,
+    enable_memory_savings,
+    make_accelerator,
+    prepare_optimization,
+)
 from peft_sara.script_utils.stopping import text_encoder_schedules
 from peft_sara.script_utils.validation import ValidationSettings, sampling_validator
 
@@ -151,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.report_to,
             args.seed,
             args.allow_tf32,
+        )
+        check_deepspeed_run(
+            accelerator, args.train_text_encoder or bool(args.new_tokens), args.max_grad_norm, args.layerwise_casting
         )
         weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 

@@ -60,7 +60,12 @@ from peft_sara.script_utils.models import (
     weight_dtype_of,
 )
 from peft_sara.script_utils.output import finish_output, lock_output_dir, save_final_adapters
-from peft_sara.script_utils.setup import enable_memory_savings, make_accelerator, prepare_optimization
+from peft_sara.script_utils.setup import (
+    check_deepspeed_run,
+    enable_memory_savings,
+    make_accelerator,
+    prepare_optimization,
+)
 from peft_sara.script_utils.validation import ValidationSettings, in_training_validator
 
 logger = get_logger(__name__)
@@ -204,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             args.seed,
             args.allow_tf32,
         )
+        check_deepspeed_run(accelerator, args.train_text_encoder, args.max_grad_norm, args.layerwise_casting)
         weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 
         # 1. Models: the frozen base, in the run's precision; the captioned images.

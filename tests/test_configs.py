@@ -17,7 +17,10 @@ PRESET_SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("name, distributed_type", [("single_gpu.yaml", "NO"), ("multi_gpu_ddp.yaml", "MULTI_GPU")])
+@pytest.mark.parametrize(
+    "name, distributed_type",
+    [("single_gpu.yaml", "NO"), ("multi_gpu_ddp.yaml", "MULTI_GPU"), ("deepspeed_zero2.yaml", "DEEPSPEED")],
+)
 def test_accelerate_configs_load(name, distributed_type):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -31,7 +34,13 @@ def test_every_shipped_accelerate_config_launches_an_engine_the_scripts_run_unde
     from peft_sara.sharding import unsupported_launch
 
     for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
-        assert unsupported_launch(load_config_from_file(str(path)).distributed_type) is None, path.name
+        config = load_config_from_file(str(path))
+        deepspeed = config.deepspeed_config or {}
+        offload = any(deepspeed.get(f"offload_{part}_device", "none") != "none" for part in ("optimizer", "param"))
+        refusal = unsupported_launch(config.distributed_type, deepspeed.get("zero_stage"), offload)
+        assert refusal is None, path.name
+        if config.distributed_type == "DEEPSPEED":  # DeepSpeed clips in place of the scripts' --max_grad_norm
+            assert deepspeed["gradient_clipping"] == 1.0, "the scripts' default --max_grad_norm"
 
 
 def test_every_preset_names_a_known_script():

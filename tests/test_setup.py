@@ -91,3 +91,27 @@ def test_text_encoder_lr_gives_the_text_encoders_values_their_own_rate(accelerat
     assert {id(p) for p in text_group["params"]} == {id(p) for p in text_encoder.parameters() if p.requires_grad}
     assert len(params) == len(unet_group["params"]) + len(text_group["params"])
     assert peft_sara.attach([unet, text_encoder], optimizer) is not None, "SaRA trains with the two groups"
+
+
+def deepspeed_accelerator(**config):
+    """An accelerator as accelerate's DeepSpeed plugin leaves it: its DeepSpeed config on the state's plugin."""
+    plugin = argparse.Namespace(deepspeed_config={"zero_optimization": {"stage": 2}, **config})
+    return argparse.Namespace(state=argparse.Namespace(deepspeed_plugin=plugin))
+
+
+def test_deepspeed_runs_train_the_denoiser_alone_clipped_as_deepspeed_clips():
+    from peft_sara.script_utils.cli import UserInputError
+    from peft_sara.script_utils.setup import check_deepspeed_run
+
+    check_deepspeed_run(deepspeed_accelerator(gradient_clipping="auto"), False, 1.0, None)  # "auto" is 1.0
+    check_deepspeed_run(deepspeed_accelerator(gradient_clipping=0.5), False, 0.5, None)
+    no_deepspeed = argparse.Namespace(state=argparse.Namespace(deepspeed_plugin=None))
+    check_deepspeed_run(no_deepspeed, True, 3.0, "float8_e4m3fn")  # DDP runs are not this check's business
+    cases = [
+        ((deepspeed_accelerator(), True, 1.0, None), "train the denoiser alone"),
+        ((deepspeed_accelerator(), False, 1.0, "float8_e4m3fn"), "--layerwise_casting is not supported"),
+        ((deepspeed_accelerator(gradient_clipping=1.0), False, 0.5, None), "clips gradients at 1.0"),
+    ]
+    for arguments, message in cases:
+        with pytest.raises(UserInputError, match=message):
+            check_deepspeed_run(*arguments)

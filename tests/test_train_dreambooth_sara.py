@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -444,3 +445,40 @@ def test_the_text_encoder_adapter_trains_for_its_share_of_the_run(dreambooth_arg
     assert not torch.equal(
         *(load_file(path / unet)["base_model.model.conv_in.sara_values"] for path in (output, output / "checkpoint-2"))
     )
+
+
+def launch_under_deepspeed(script_args: list[str]) -> str:
+    """`accelerate launch` with the shipped ZeRO-2 config on one CPU process (accelerate gives each CPU rank a world
+    of its own under DeepSpeed, so one process is what runs here; DeepSpeed's CPU accelerator over gloo)."""
+    config = os.path.join(REPO_ROOT, "configs", "accelerate", "deepspeed_zero2.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1"]
+    command += ["--mixed_precision", "no", SCRIPT, *script_args]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (make test installs it)")
+def test_under_accelerates_deepspeed_zero2_the_script_trains_and_resumes_the_plain_run_s_adapter(
+    dreambooth_args, tmp_path
+):
+    common = dreambooth_args + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--progressive_step", "3"]
+    common += ["--learning_rate", "1e-2", "--lambda_rank", "0.1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the DeepSpeed process, so that the kernels sum alike
+    try:
+        load_script("train_dreambooth_sara").main(common + ["--output_dir", str(tmp_path / "plain")])
+    finally:
+        torch.set_num_threads(threads)
+    log = launch_under_deepspeed(common + ["--output_dir", str(tmp_path / "zero2")])
+    assert "DeepSpeed Model and Optimizer saved" in log, "DeepSpeed really ran and wrote its checkpoints"
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "zero2" / "checkpoint-2", resumed / "checkpoint-2")
+    launch_under_deepspeed(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    expected = load_file(tmp_path / "plain" / "unet" / "adapter_model.safetensors")
+    for run in ("zero2", "resumed"):
+        actual = load_file(tmp_path / run / "unet" / "adapter_model.safetensors")
+        assert actual.keys() == expected.keys()
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), run

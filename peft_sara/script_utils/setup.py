@@ -37,7 +37,7 @@ def make_accelerator(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # reproducible shuffles, also on resume
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if find_unused_parameters else [],
     )
-    refusal = unsupported_launch(accelerator.distributed_type.name)
+    refusal = unsupported_launch(accelerator.distributed_type.name, *_zero_stage_and_offload(accelerator))
     if refusal is not None:  # said before any model is loaded
         raise UserInputError(refusal)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
@@ -46,6 +46,45 @@ def make_accelerator(
     if allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def _zero_stage_and_offload(accelerator) -> tuple[int | None, bool]:
+    """The ZeRO stage of a DeepSpeed launch and whether it offloads anything, from accelerate's DeepSpeed config."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None, False
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    devices = [zero.get(part, {}).get("device", "none") for part in ("offload_optimizer", "offload_param")]
+    return zero.get("stage"), any(device not in (None, "none") for device in devices)
+
+
+def check_deepspeed_run(
+    accelerator, several_models: bool, max_grad_norm: float, layerwise_casting: str | None
+) -> None:
+    """Refuse, before any model is loaded, what the scripts do not do under accelerate's DeepSpeed plugin: train more
+    than the denoiser (accelerate prepares one model per DeepSpeed engine), store the base in fp8 (DeepSpeed casts
+    the whole model to its precision), or clip at another norm than DeepSpeed's config (which clips in place of
+    --max_grad_norm)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    if several_models:
+        raise UserInputError(
+            "Under DeepSpeed the scripts train the denoiser alone (accelerate prepares one model per engine): drop "
+            "--train_text_encoder / --train_text_encoder_ti, or train with DDP."
+        )
+    if layerwise_casting is not None:
+        raise UserInputError(
+            "--layerwise_casting is not supported under DeepSpeed (it casts the whole model to its precision): drop "
+            "it, or train with DDP."
+        )
+    clipping = plugin.deepspeed_config.get("gradient_clipping", "auto")
+    clipping = 1.0 if clipping == "auto" else float(clipping)  # accelerate fills "auto" with 1.0
+    if clipping != max_grad_norm:
+        raise UserInputError(
+            f"DeepSpeed clips gradients at {clipping} (its config's gradient_clipping), the run asks --max_grad_norm "
+            f"{max_grad_norm}: make them equal."
+        )
 
 
 def enable_memory_savings(
