@@ -24,10 +24,10 @@ from .flux_layout import fuse_to_bfl_layout, is_flux_transformer
 from .loading import ADAPTABLE_COMPONENTS, _check_one_save, _read_config, _read_weights, _save_metadata
 from .lora_tools import TOOLS, summary_lines, unloaded_layers
 from .model import read_saved_updates
+from .tokens import TOKEN_EMBEDDING_KEYS
 
 FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' load_lora_weights looks for
-EMBEDDINGS_KEYS = ("clip_l", "clip_g", "t5")  # a pivotal-tuning embeddings file, as diffusers' advanced scripts have
 ADAPTER_CONFIG = "adapter_config.json"
 DENOISERS = ("unet", "transformer")  # the components whose layers keep their module paths in every format
 # The relative (Frobenius) error at which a layer counts as reproduced exactly: the directions the export drops at
@@ -326,7 +326,7 @@ def _embeddings_file(source: Path, name: str) -> int | None:
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:  # safetensors raises several types for a damaged file
         raise ValueError(f"Could not read the new-token embeddings {path}: {error}") from error
-    if "clip_l" not in shapes or set(shapes) - set(EMBEDDINGS_KEYS) or any(len(s) != 2 for s in shapes.values()):
+    if "clip_l" not in shapes or set(shapes) - set(TOKEN_EMBEDDING_KEYS) or any(len(s) != 2 for s in shapes.values()):
         raise ValueError(
             f"{path} is not a new-token embeddings file: expected 2-D tensors under the keys clip_l (and clip_g for "
             f"SDXL and SD3, t5 for a T5 encoder), found {shapes}."
