@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import SaRAConfig
-from .sharding import ZERO3_REFUSAL, full_tensor, is_zero3_partitioned
+from .sharding import full_tensor
 from .sparse_ops import (
     Conv2dOp,
     LinearOp,
@@ -32,6 +32,7 @@ from .sparse_ops import (
     scatter_updates,
     select_entries,
 )
+from .zero import gather_for_layer
 
 
 class ModelReference:
@@ -99,7 +100,7 @@ class SaRALayer(BaseTunerLayer):
     def base_entries(self, adapter_name: str) -> torch.Tensor:
         """The base weight's entries at an adapter's positions, without any update (the regulariser and the
         progressive step read them)."""
-        weight = full_tensor(self.get_base_layer().weight.detach())  # whole, also where an engine shards it
+        weight = full_tensor(self.get_base_layer().weight).detach()  # whole, also where an engine shards it
         return weight.reshape(-1).index_select(0, self.sara_indices[adapter_name])
 
     def update_layer(self, adapter_name: str, config: SaRAConfig) -> None:
@@ -278,8 +279,6 @@ class SaRALayer(BaseTunerLayer):
     def _sparse_forward(self, x: torch.Tensor, op, adapter_names: list[str]) -> torch.Tensor:
         """The base layer's op with the active adapters' updates in its weight and bias."""
         base_layer = self.get_base_layer()
-        if is_zero3_partitioned(base_layer.weight):  # an empty partition here: F.linear would fail on its shape
-            raise RuntimeError(ZERO3_REFUSAL)
         updates = self._updates(adapter_names, self.sara_indices, self.sara_values)
         compute_dtype = self._compute_dtype(x, base_layer)
         bias = self._effective_bias(base_layer.bias, adapter_names)
@@ -327,6 +326,9 @@ class _SaRAModule(nn.Module, SaRALayer):
         active = self._active_sara_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        base_layer = self.get_base_layer()
+        adapter_values = (*self.sara_values.values(), *self.sara_bias_values.values())
+        gather_for_layer(self, (base_layer.weight, base_layer.bias, *adapter_values))  # under DeepSpeed ZeRO-3
         if isinstance(self.base_layer, BaseTunerLayer):  # e.g. a LoRA loaded before this adapter
             result = self.base_layer(x, *args, **kwargs)
             return result + self._update_output(*self._input_and_op(x), active).to(result.dtype)

@@ -14,6 +14,7 @@ from .config import SaRAConfig
 from .layer import Conv2d, Linear, ModelReference, SaRALayer
 from .sharding import full_tensor
 from .sparse_ops import index_dtype_for
+from .zero import is_zero3_partitioned, whole_shape
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
 PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names its base model's modules
@@ -224,10 +225,13 @@ class SaRAModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """Save each layer's positions in the smallest of three forms (integers, a bitmask, 16-bit steps), and the
-        shape of the tensor they index. Values an engine shards (FSDP2's DTensors) are gathered whole: every process
-        must call this (as `save_pretrained` does), and the main process writes."""
+        shape of the tensor they index. Values an engine shards (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions, whose
+        fp32 copy is saved) are gathered whole: every process must call this (as `save_pretrained` does), and the main
+        process writes."""
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        state_dict = {key: full_tensor(tensor) for key, tensor in state_dict.items()}
+        # the state dict's tensors are detached: a ZeRO-3 parameter is gathered through the parameter itself
+        partitioned = {name: param for name, param in model.named_parameters() if is_zero3_partitioned(param)}
+        state_dict = {key: full_tensor(partitioned.get(key, tensor)) for key, tensor in state_dict.items()}
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
                 continue
@@ -235,10 +239,10 @@ class SaRAModel(BaseTuner):
                 index_key = f"{module_name}.{index_attr}.{adapter_name}"
                 if index_key not in state_dict:
                     continue
-                base_tensor = getattr(module.get_base_layer(), tensor_name)
+                shape = whole_shape(getattr(module.get_base_layer(), tensor_name))
                 shape_key = f"{module_name}.{SHAPE_ATTRS[tensor_name]}.{adapter_name}"
-                state_dict[shape_key] = torch.tensor(base_tensor.shape, dtype=torch.int64)
-                numel, positions = base_tensor.numel(), state_dict[index_key]
+                state_dict[shape_key] = torch.tensor(shape, dtype=torch.int64)
+                numel, positions = shape.numel(), state_dict[index_key]
                 deltas = deltas_of(positions)
                 forms = {
                     index_attr: positions.nbytes,

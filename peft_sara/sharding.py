@@ -1,7 +1,8 @@
 """Tensors that a sharding engine splits across processes (FSDP2's `fully_shard` makes every parameter a DTensor
 sharded along its first dimension): what SaRA's training logic needs of them, whole or as this process's shard; and
 the engines SaRA does not train under yet, recognised so that they are refused instead of training wrong values.
-(DeepSpeed ZeRO-1/2, which keeps the values whole but steps fp32 copies of them, has its own module, `zero`.)
+(DeepSpeed ZeRO, which steps fp32 copies of the values, has its own module, `zero`; `full_tensor` also gathers a
+ZeRO-3 partitioned parameter.)
 
 `full_tensor` is a collective: every process must call it for the same tensors in the same order, which SaRA's step
 hooks do (their decisions depend only on the step count, the seed and the parameters). The other helpers take no
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .zero import zero_optimizer
+from .zero import is_zero3_partitioned, whole_copy, zero_optimizer
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -29,14 +30,15 @@ _USE_INSTEAD = (
     "(torch.distributed.fsdp.fully_shard)"
 )
 DEEPSPEED_REFUSAL = (
-    "SaRA trains under DeepSpeed with ZeRO stage 1 or 2 and a torch optimizer only: this DeepSpeed optimizer steps "
-    "copies of the SaRA values that the regulariser and the progressive step do not reach, so the run would train "
-    f"other values than it reports; set zero_optimization.stage to 1 or 2, or {_USE_INSTEAD}."
+    "SaRA trains under DeepSpeed with ZeRO (stage 1, 2 or 3) and a torch optimizer only: this DeepSpeed optimizer "
+    "steps copies of the SaRA values that the regulariser and the progressive step do not reach, so the run would "
+    f"train other values than it reports; set zero_optimization.stage to 1, 2 or 3, or {_USE_INSTEAD}."
 )
 ACCELERATE_DEEPSPEED_REFUSAL = (
     "The training scripts run under accelerate's DeepSpeed plugin with ZeRO stage 1 or 2 and no offload only "
-    "(ZeRO-3 partitions the base weights SaRA's op reads whole; offload is untested): use "
-    "configs/accelerate/deepspeed_zero2.yaml, or DDP (configs/accelerate/multi_gpu_ddp.yaml)."
+    "(under ZeRO-3 their saving and validation run on the main process, where ZeRO-3 needs every process; offload is "
+    "untested): use configs/accelerate/deepspeed_zero2.yaml, or DDP (configs/accelerate/multi_gpu_ddp.yaml); "
+    "ZeRO-3 trains from Python with peft_sara.attach (README: Sharded training)."
 )
 FSDP1_REFUSAL = (
     "SaRA does not train under FSDP1 (FullyShardedDataParallel) yet: its flat parameters hold shards of the base "
@@ -48,8 +50,8 @@ ACCELERATE_FSDP_REFUSAL = (
     "configs/accelerate/multi_gpu_ddp.yaml), or use FSDP2's fully_shard from Python (README: Sharded training)."
 )
 ZERO3_REFUSAL = (
-    "SaRA's layers cannot run on DeepSpeed ZeRO-3 partitioned weights (the base weight is gathered only inside its "
-    f"own forward, which SaRA's op does not call); {_USE_INSTEAD}."
+    "The model's parameters are partitioned by DeepSpeed ZeRO-3, but the optimizer is not the ZeRO-3 optimizer that "
+    "steps them: pass attach the engine and the optimizer that deepspeed.initialize (or accelerator.prepare) returns."
 )
 
 
@@ -58,7 +60,10 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (gathered from every process's shard)."""
+    """The whole tensor (gathered from every process's shard: a DTensor, or a ZeRO-3 parameter, which must be passed
+    itself, not detached)."""
+    if is_zero3_partitioned(tensor):
+        return whole_copy(tensor)
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
@@ -87,9 +92,9 @@ def local_positions(positions: torch.Tensor, reference: torch.Tensor) -> torch.T
 
 
 def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | None:
-    """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer other than ZeRO-1/2's, or a
-    DeepSpeed engine without one; ZeRO-3 partitioned parameters; FSDP1 wrappers), as one line naming the fix; None
-    where it can."""
+    """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer other than ZeRO's, or a
+    DeepSpeed engine without one; ZeRO-3 partitioned parameters without ZeRO-3's optimizer; FSDP1 wrappers), as one
+    line naming the fix; None where it can."""
     zero = zero_optimizer(optimizer)
     wrapped = optimizer
     while wrapped is not None and wrapped is not zero:
@@ -99,16 +104,12 @@ def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | Non
     for model in models:
         if _from_deepspeed(model) and zero is None:
             return DEEPSPEED_REFUSAL
-        if any(is_zero3_partitioned(param) for param in model.parameters()):
+        stage3 = zero is not None and type(zero).__name__.endswith("Stage3")
+        if not stage3 and any(is_zero3_partitioned(param) for param in model.parameters()):
             return ZERO3_REFUSAL
         if any(_is_fsdp1(module) for module in model.modules()):
             return FSDP1_REFUSAL
     return None
-
-
-def is_zero3_partitioned(param: torch.Tensor) -> bool:
-    """A parameter that DeepSpeed ZeRO-3 has partitioned (it keeps its bookkeeping on the parameter itself)."""
-    return hasattr(param, "ds_id")
 
 
 def unsupported_launch(distributed_type: str, zero_stage: int | None = None, offload: bool = False) -> str | None:

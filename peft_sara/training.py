@@ -4,8 +4,8 @@ Both act inside `optimizer.step()` through the optimizer's step hooks, so a trai
 `peft_sara.attach(model, optimizer)`, and steps that do not happen (gradient accumulation, a gradient-scaler step
 skipped for inf/NaN gradients, also inside a fused optimizer) do nothing. Decisions depend only on the step count,
 the seed and the (identical) parameters, so every process of a distributed run takes the same ones, and a resumed run
-takes them again. Under DeepSpeed ZeRO-1/2 the hooks sit on the torch optimizer that ZeRO steps on its fp32
-partitions, once per parameter group, and act on those partitions (`zero.ZeroPartitions`).
+takes them again. Under DeepSpeed ZeRO the hooks sit on the torch optimizer that ZeRO steps on its fp32 partitions,
+once per parameter group, and act on those partitions (`zero.ZeroPartitions`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import nn
 from .config import SaRAConfig
 from .layer import SaRALayer
 from .sharding import full_tensor, is_sharded, like, local, local_positions, unsupported_engine
-from .zero import ZeroPartitions, zero_optimizer
+from .zero import ZeroPartitions, whole_shape, zero_optimizer
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -113,7 +113,7 @@ class _TrainedUpdate:
 
     @property
     def weight_shape(self) -> torch.Size:
-        return self.layer.get_base_layer().weight.shape
+        return whole_shape(self.layer.get_base_layer().weight)
 
     def effective_values(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 value of the weight at the trainable positions: base + scale · update (whole, also where an engine
@@ -136,7 +136,7 @@ class SaRATraining:
         if refusal is not None:
             raise ValueError(refusal)
         zero = zero_optimizer(optimizer)
-        self.zero = ZeroPartitions(zero) if zero is not None else None  # DeepSpeed ZeRO-1/2 steps fp32 partitions
+        self.zero = ZeroPartitions(zero) if zero is not None else None  # DeepSpeed ZeRO steps fp32 partitions
         self.optimizer = self.zero.optimizer if self.zero is not None else _unwrap_optimizer(optimizer)
         if getattr(self.optimizer, "_sara_training", None) is not None:
             raise ValueError("peft_sara.attach was already called for this optimizer; call it once per optimizer.")
@@ -182,7 +182,7 @@ class SaRATraining:
     @property
     def frozen_fraction(self) -> float:
         """Share of the original trainable entries frozen by the progressive step."""
-        total = sum(update.values.numel() for update in self.updates)
+        total = sum(whole_shape(update.values).numel() for update in self.updates)
         frozen = sum(positions.numel() for positions, _, _, _ in self._frozen.values())
         return frozen / total if total else 0.0
 
@@ -307,9 +307,9 @@ def attach(model: nn.Module | Sequence[nn.Module], optimizer: Any) -> SaRATraini
     """Make `optimizer.step()` apply SaRA's regulariser and progressive step to the model's trainable SaRA adapters.
 
     `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate or
-    sharded by FSDP2's `fully_shard`, or a DeepSpeed ZeRO-1/2 engine, or a list of such models trained by the same
-    optimizer (a UNet and its text encoder); `optimizer` a torch optimizer, one wrapped by accelerate, or the ZeRO
-    optimizer `deepspeed.initialize` returns around a torch optimizer (see `zero`). ZeRO-3, DeepSpeed without ZeRO
+    sharded by FSDP2's `fully_shard`, or a DeepSpeed ZeRO engine (stage 1, 2 or 3), or a list of such models trained
+    by the same optimizer (a UNet and its text encoder); `optimizer` a torch optimizer, one wrapped by accelerate, or
+    the ZeRO optimizer `deepspeed.initialize` returns around a torch optimizer (see `zero`). DeepSpeed without ZeRO
     and FSDP1 are refused (see `sharding.unsupported_engine`).
     """
     return SaRATraining(model, optimizer)

@@ -1,55 +1,108 @@
-"""DeepSpeed ZeRO stages 1 and 2 under SaRA's step hooks.
+"""DeepSpeed ZeRO (stages 1, 2 and 3) under SaRA's layers and step hooks.
 
-ZeRO keeps the SaRA values replicated in the model (in the run's precision) but steps fp32 copies of them: each
-process holds one slice ("partition") of every parameter group as a flat fp32 tensor, with its gradient, and steps
-the client's torch optimizer on those partitions, one group at a time. What SaRA adds to a step has to happen there:
-the regulariser's subgradient goes into the partition's gradient (after ZeRO's own unscaling and clipping, where a
-plain run adds it after clipping too), and the progressive step's frozen values are written back into the
-partition after the optimizer moved them; ZeRO then copies the partitions into the model's values and gathers them.
-DeepSpeed's own mapping between a parameter and its slice of a partition (`_hp_mapping`) says where.
+ZeRO steps fp32 copies of the SaRA values: each process holds one slice ("partition") of every parameter group as a
+flat fp32 tensor, with its gradient, and steps the client's torch optimizer on those partitions, one group at a time.
+What SaRA adds to a step has to happen there: the regulariser's subgradient goes into the partition's gradient (after
+ZeRO's own unscaling and clipping, where a plain run adds it after clipping too), and the progressive step's frozen
+values are written back into the partition after the optimizer moved them; ZeRO then copies the partitions into the
+model's values. Stages 1 and 2 keep the model's values whole and say where each one's slice lies (`_hp_mapping`);
+stage 3 partitions the model's parameters too (values and base weights), each process holding the same slice of every
+parameter, at an offset of its group's partition that the optimizer records (`grad_position`).
 
-Stage 3 partitions the base weights too, which SaRA's op reads whole: it stays refused (`sharding.ZERO3_REFUSAL`).
+Stage 3 gathers a module's own parameters around its forward and backward only. A SaRA layer computes with its base
+layer's weight and bias and with its values, which belong to submodules whose forward never runs, so the layer
+registers them as its external parameters (`gather_for_layer`): ZeRO-3 then gathers and releases them with the layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
-ZERO_OPTIMIZER_CLASS = "DeepSpeedZeroOptimizer"  # deepspeed.runtime.zero.stage_1_and_2: stages 1 and 2
+# deepspeed.runtime.zero.stage_1_and_2 (stages 1 and 2) and deepspeed.runtime.zero.stage3
+ZERO_OPTIMIZER_CLASSES = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
 
 
 def zero_optimizer(optimizer: Any) -> Any | None:
-    """The DeepSpeed ZeRO-1/2 optimizer behind `optimizer` (as accelerate wraps it, or as deepspeed.initialize
-    returns it), or None."""
+    """The DeepSpeed ZeRO optimizer behind `optimizer` (as accelerate wraps it, or as deepspeed.initialize returns
+    it), or None."""
     while optimizer is not None:
-        if type(optimizer).__name__ == ZERO_OPTIMIZER_CLASS and type(optimizer).__module__.startswith("deepspeed."):
+        if type(optimizer).__name__ in ZERO_OPTIMIZER_CLASSES and type(optimizer).__module__.startswith("deepspeed."):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
 
 
+def is_zero3_partitioned(param: torch.Tensor) -> bool:
+    """A parameter that DeepSpeed ZeRO-3 has partitioned (it keeps its bookkeeping on the parameter itself)."""
+    return hasattr(param, "ds_id")
+
+
+def whole_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also while ZeRO-3 holds only this process's slice of it."""
+    return param.ds_shape if is_zero3_partitioned(param) else param.shape
+
+
+def whole_copy(param: torch.Tensor) -> torch.Tensor:
+    """A ZeRO-3 parameter, whole and detached (a collective: every process calls it for the same parameter). For a
+    trained one, the fp32 copy that ZeRO-3 steps (what a plain run would hold; the model keeps it in the run's
+    precision)."""
+    if param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters([param]):
+        return param.detach().clone()
+
+
+def gather_for_layer(layer: nn.Module, params: Iterable[torch.Tensor | None]) -> None:
+    """Have ZeRO-3 gather `params` with `layer`'s forward and backward (and release them after), as it does the
+    layer's own parameters: registered once, and gathered now the first time, when this forward's gathering is past.
+    Parameters ZeRO-3 has not partitioned are left alone."""
+    partitioned = [param for param in params if param is not None and is_zero3_partitioned(param)]
+    registered = getattr(layer, "_external_params", {})
+    new = [param for param in partitioned if id(param) not in registered]
+    if not new:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
+
+    for param in new:
+        register_external_parameter(layer, param)
+        if param.ds_status == ZeroParamStatus.NOT_AVAILABLE:
+            param.all_gather()
+
+
 class ZeroPartitions:
-    """The fp32 partitions a ZeRO-1/2 optimizer steps in place of the model's SaRA values."""
+    """The fp32 partitions a ZeRO optimizer steps in place of the model's SaRA values."""
 
     def __init__(self, zero: Any) -> None:
         self.zero = zero
+        self.stage3 = type(zero).__name__.endswith("Stage3")
         self.optimizer: torch.optim.Optimizer = zero.optimizer  # the client's, stepped on the partitions
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise ValueError(
                 f"SaRA under DeepSpeed needs a torch optimizer inside ZeRO, got {type(self.optimizer).__name__}: "
                 "pass a torch.optim optimizer (such as AdamW) to deepspeed.initialize."
             )
-        if getattr(zero, "cpu_offload", False):
+        offloaded = getattr(zero, "offload_optimizer", False) or getattr(zero, "offload_param", False)
+        if getattr(zero, "cpu_offload", False) or offloaded:
             raise ValueError(
-                "SaRA under DeepSpeed ZeRO with offload_optimizer is untested: set offload_optimizer's device to "
+                "SaRA under DeepSpeed ZeRO with offload_optimizer or offload_param is untested: set their device to "
                 "none in the DeepSpeed config."
             )
-        # ZeRO steps the optimizer once per parameter group, with param_groups holding that group alone, whose one
-        # parameter is the group's flat fp32 partition (the same tensor also after a checkpoint is loaded)
-        self.partitions: list[torch.Tensor] = zero.single_partition_of_fp32_groups
-        self._group_of = {id(param): index for index, group in enumerate(zero.bit16_groups) for param in group}
+        # one flat fp32 partition per (sub-)group, stepped in order; the same tensors also after a checkpoint is loaded
+        if self.stage3:
+            self.partitions: list[torch.Tensor] = zero.fp32_partitioned_groups_flat
+            groups = zero.fp16_groups
+        else:
+            self.partitions = zero.single_partition_of_fp32_groups
+            groups = zero.bit16_groups
+        self._group_of = {id(param): index for index, group in enumerate(groups) for param in group}
 
     def holds(self, values: torch.Tensor) -> bool:
         return id(values) in self._group_of
@@ -58,8 +111,9 @@ class ZeroPartitions:
         return self._group_of[id(values)]
 
     def stepped_group(self) -> int:
-        """The index of the parameter group the optimizer is stepping now (inside its step hooks)."""
-        stepped = self.optimizer.param_groups[0]["params"][0]
+        """The index of the partition the optimizer is stepping now (inside its step hooks): the one tensor its
+        parameter groups hold then (stages 1 and 2 leave it the stepped group alone, stage 3 empties the others)."""
+        stepped = next(group["params"][0] for group in self.optimizer.param_groups if group["params"])
         return next(index for index, partition in enumerate(self.partitions) if partition is stepped)
 
     @property
@@ -71,25 +125,35 @@ class ZeroPartitions:
         """The fp32 values ZeRO steps, whole (a collective: every process calls it for the same values)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(values).view(-1)
+        return safe_get_full_fp32_param(values).reshape(-1)
+
+    def _slice(self, values: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
+        """Where this process's slice of `values` lies: its partition, its offset there, the first whole-tensor
+        position it holds and how many; None when it holds none."""
+        if self.stage3:
+            index, offset, numel = self.zero.grad_position[self.zero.get_param_id(values)]
+            start = self.zero._get_param_partition_rank(values) * numel
+            count = min(numel, values.ds_numel - start)  # the last slice is padded
+            return (self.partitions[index], offset, start, count) if count > 0 else None
+        mapping = values._hp_mapping
+        if mapping is None:
+            return None
+        hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
+        return self.partitions[self.group_of(values)], hp.start, lp.start, lp.numel
 
     @torch.no_grad()
     def add_to_gradient(self, values: torch.Tensor, addition: torch.Tensor) -> None:
         """Add a whole-tensor `addition` to the gradient of this process's slice of `values` in its partition."""
-        mapping = values._hp_mapping
-        if mapping is None:  # no slice of these values in this process's partition
-            return
-        partition = self.partitions[self.group_of(values)]
-        hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
-        partition.grad.narrow(0, hp.start, hp.numel).add_(addition.view(-1).narrow(0, lp.start, lp.numel))
+        where = self._slice(values)
+        if where is not None:
+            partition, offset, start, count = where
+            partition.grad.narrow(0, offset, count).add_(addition.reshape(-1).narrow(0, start, count))
 
-    @staticmethod
     @torch.no_grad()
-    def write(values: torch.Tensor, positions: torch.Tensor, new_values: torch.Tensor) -> None:
+    def write(self, values: torch.Tensor, positions: torch.Tensor, new_values: torch.Tensor) -> None:
         """Write `new_values` at the whole-tensor `positions` of `values` into this process's slice of them."""
-        mapping = values._hp_mapping
-        if mapping is None:
-            return
-        lp = mapping.lp_fragment_address
-        inside = (positions >= lp.start) & (positions < lp.start + lp.numel)
-        mapping.get_hp_fragment().view(-1).index_copy_(0, positions[inside] - lp.start, new_values[inside])
+        where = self._slice(values)
+        if where is not None:
+            partition, offset, start, count = where
+            inside = (positions >= start) & (positions < start + count)
+            partition.narrow(0, offset, count).index_copy_(0, positions[inside] - start, new_values[inside])

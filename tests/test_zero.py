@@ -1,6 +1,7 @@
-"""peft_sara.zero: SaRA under DeepSpeed ZeRO-1 and ZeRO-2, two gloo processes on CPU (DS_ACCELERATOR=cpu), against a
-plain run: the regulariser and the progressive step reach the fp32 partitions ZeRO steps, so the adapter is the
-plain run's bit for bit, with one parameter group or two, and a DeepSpeed checkpoint resumes to the same adapter."""
+"""peft_sara.zero: SaRA under DeepSpeed ZeRO-1, ZeRO-2 and ZeRO-3, two gloo processes on CPU (DS_ACCELERATOR=cpu),
+against a plain run: the regulariser and the progressive step reach the fp32 partitions ZeRO steps, so the adapter is
+the plain run's (bit for bit under ZeRO-1/2), with one parameter group or two, and a DeepSpeed checkpoint resumes to
+the same adapter. Under ZeRO-3 the layers compute with partitioned base weights and values, which they gather."""
 
 from __future__ import annotations
 
@@ -42,32 +43,60 @@ def plain_run(tmp_path_factory):
     return folder, report
 
 
-def assert_same_adapter(folder, expected_folder):
+def assert_same_adapter(folder, expected_folder, atol=0.0):
     expected = load_file(expected_folder / "adapter_model.safetensors")
     actual = load_file(folder / "adapter_model.safetensors")
     assert actual.keys() == expected.keys()
     for key in expected:
-        assert torch.equal(actual[key], expected[key]), key
+        assert actual[key].dtype == expected[key].dtype and actual[key].shape == expected[key].shape, key
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=0, msg=key)
+
+
+def assert_plain_run_s_training(folder, plain, exact=True):
+    zero = torch.load(folder / "report.pt")
+    assert plain["frozen_fraction"] > 0 and zero["frozen_fraction"] == plain["frozen_fraction"]
+    for key, positions in plain["training"]["frozen_positions"].items():
+        assert torch.equal(zero["training"]["frozen_positions"][key], positions), key
+    if exact:
+        assert zero["losses"] == plain["losses"]
+    else:
+        torch.testing.assert_close(zero["losses"], plain["losses"], rtol=1e-6, atol=0)
+    return zero
 
 
 @pytest.mark.parametrize("stage,groups", [(1, 1), (2, 1), (2, 2)], ids=["zero1", "zero2", "zero2-two-groups"])
 def test_zero_trains_the_plain_run_s_adapter_bit_for_bit(plain_run, tmp_path, stage, groups):
     plain_folder, plain = plain_run
     run_zero(str(tmp_path), str(stage), str(groups))
-    zero = torch.load(tmp_path / "report.pt")
-    assert plain["frozen_fraction"] > 0 and zero["frozen_fraction"] == plain["frozen_fraction"]
-    for key, positions in plain["training"]["frozen_positions"].items():
-        assert torch.equal(zero["training"]["frozen_positions"][key], positions), key
-    assert zero["losses"] == plain["losses"]
+    assert_plain_run_s_training(tmp_path, plain)
     assert_same_adapter(tmp_path, plain_folder)
 
 
-def test_a_deepspeed_checkpoint_resumes_to_the_straight_run_s_adapter(plain_run, tmp_path):
+# ZeRO-3's hooks add nodes to the autograd graph, which then sums the UNet's skip connections' gradients in another
+# order: 23 of the 83 layers' first gradients differ from the plain run's by up to 3e-9, and after 4 AdamW steps the
+# adapter by 5.9e-6. Leaving out the frozen write-back or the subgradient puts it 0.07 and 0.18 off.
+ZERO3_ATOL = 2e-5
+
+
+@pytest.mark.parametrize("groups", [1, 2], ids=["one-group", "two-groups"])
+def test_zero3_trains_the_plain_run_s_adapter_on_partitioned_weights(plain_run, tmp_path, groups):
+    plain_folder, plain = plain_run
+    run_zero(str(tmp_path), "3", str(groups))
+    zero = assert_plain_run_s_training(tmp_path, plain, exact=False)
+    assert zero["held_whole"] == 0  # every parameter partitioned: the layers gathered what they computed with
+    assert_same_adapter(tmp_path, plain_folder, atol=ZERO3_ATOL)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_a_deepspeed_checkpoint_resumes_to_the_straight_run_s_adapter(plain_run, tmp_path, stage):
     """Steps 1-2, engine.save_checkpoint with attach's state_dict in its client state, new processes, load_checkpoint
     and load_state_dict, steps 3-4 (after the progressive step, whose frozen set must come back)."""
     plain_folder, _ = plain_run
-    run_zero(str(tmp_path), "2", "1", "first")
+    if stage == 3:
+        run_zero(str(tmp_path / "straight"), "3", "1")
+        plain_folder = tmp_path / "straight"  # ZeRO-3's own straight run: the resumed one is that bit for bit
+    run_zero(str(tmp_path), str(stage), "1", "first")
     assert (tmp_path / "checkpoint").is_dir()
-    run_zero(str(tmp_path), "2", "1", "rest")
+    run_zero(str(tmp_path), str(stage), "1", "rest")
     assert_same_adapter(tmp_path, plain_folder)
     shutil.rmtree(tmp_path / "checkpoint")

@@ -1,6 +1,6 @@
 """Worker for test_zero: the tiny SaRA UNet of fsdp2_train (regulariser, progressive step, clipping) trained with
-attach() under DeepSpeed ZeRO in each of two gloo processes on CPU, which all see the same batches, so that their
-averaged gradients are the plain run's.
+attach() under DeepSpeed ZeRO (stage 1, 2 or 3) in each of two gloo processes on CPU, which all see the same batches,
+so that their averaged gradients are the plain run's.
 
     zero_train.py OUTPUT STAGE GROUPS [PHASE]
 
@@ -18,8 +18,11 @@ from conftest import unet_inputs  # noqa: E402
 from fsdp2_train import sara_model  # noqa: E402
 
 from peft_sara import attach  # noqa: E402
+from peft_sara.zero import whole_shape  # noqa: E402
 
 STEPS = 4
+# ZeRO-3 partitions every parameter, also the tiny model's (by default those under 1e5 entries stay whole)
+STAGE3 = {"stage3_param_persistence_threshold": 0}
 
 
 def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
@@ -35,7 +38,7 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **(STAGE3 if stage == 3 else {})},
         "steps_per_print": 1_000_000,
     }
     engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
@@ -61,7 +64,14 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
     main_process = torch.distributed.get_rank() == 0
     model.save_pretrained(output_dir, is_main_process=main_process)
     if main_process:
-        report = {"losses": losses, "frozen_fraction": training.frozen_fraction, "training": training.state_dict()}
+        # between steps ZeRO-3 holds no parameter whole (in this process: none of its entries)
+        held_whole = [p.numel() == whole_shape(p).numel() for p in model.parameters()]
+        report = {
+            "losses": losses,
+            "frozen_fraction": training.frozen_fraction,
+            "training": training.state_dict(),
+            "held_whole": sum(held_whole) / len(held_whole),
+        }
         torch.save(report, os.path.join(output_dir, "report.pt"))
 
 
