@@ -32,7 +32,7 @@ from .sparse_ops import (
     scatter_updates,
     select_entries,
 )
-from .zero import gather_for_layer
+from .zero import gather_for_layer, is_zero3_partitioned
 
 
 class ModelReference:
@@ -327,8 +327,9 @@ class _SaRAModule(nn.Module, SaRALayer):
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         base_layer = self.get_base_layer()
-        adapter_values = (*self.sara_values.values(), *self.sara_bias_values.values())
-        gather_for_layer(self, (base_layer.weight, base_layer.bias, *adapter_values))  # under DeepSpeed ZeRO-3
+        if is_zero3_partitioned(base_layer.weight):  # DeepSpeed ZeRO-3 partitions every parameter of its model
+            adapter_values = (*self.sara_values.values(), *self.sara_bias_values.values())
+            gather_for_layer(self, (base_layer.weight, base_layer.bias, *adapter_values))
         if isinstance(self.base_layer, BaseTunerLayer):  # e.g. a LoRA loaded before this adapter
             result = self.base_layer(x, *args, **kwargs)
             return result + self._update_output(*self._input_and_op(x), active).to(result.dtype)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .zero import is_zero3_partitioned, whole_copy, zero_optimizer
+from .zero import is_stage3, is_zero3_partitioned, whole_copy, zero_optimizer
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -104,8 +104,7 @@ def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | Non
     for model in models:
         if _from_deepspeed(model) and zero is None:
             return DEEPSPEED_REFUSAL
-        stage3 = zero is not None and type(zero).__name__.endswith("Stage3")
-        if not stage3 and any(is_zero3_partitioned(param) for param in model.parameters()):
+        if not is_stage3(zero) and any(is_zero3_partitioned(param) for param in model.parameters()):
             return ZERO3_REFUSAL
         if any(_is_fsdp1(module) for module in model.modules()):
             return FSDP1_REFUSAL

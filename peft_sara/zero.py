@@ -36,6 +36,11 @@ def zero_optimizer(optimizer: Any) -> Any | None:
     return None
 
 
+def is_stage3(zero: Any) -> bool:
+    """Whether a ZeRO optimizer (from `zero_optimizer`; None: no ZeRO) is stage 3's."""
+    return type(zero).__name__ == ZERO_OPTIMIZER_CLASSES[1]
+
+
 def is_zero3_partitioned(param: torch.Tensor) -> bool:
     """A parameter that DeepSpeed ZeRO-3 has partitioned (it keeps its bookkeeping on the parameter itself)."""
     return hasattr(param, "ds_id")
@@ -82,7 +87,7 @@ class ZeroPartitions:
 
     def __init__(self, zero: Any) -> None:
         self.zero = zero
-        self.stage3 = type(zero).__name__.endswith("Stage3")
+        self.stage3 = is_stage3(zero)
         self.optimizer: torch.optim.Optimizer = zero.optimizer  # the client's, stepped on the partitions
         if not isinstance(self.optimizer, torch.optim.Optimizer):
             raise ValueError(
