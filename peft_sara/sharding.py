@@ -35,10 +35,9 @@ DEEPSPEED_REFUSAL = (
     f"train other values than it reports; set zero_optimization.stage to 1, 2 or 3, or {_USE_INSTEAD}."
 )
 ACCELERATE_DEEPSPEED_REFUSAL = (
-    "The training scripts run under accelerate's DeepSpeed plugin with ZeRO stage 1 or 2 and no offload only "
-    "(under ZeRO-3 their saving and validation run on the main process, where ZeRO-3 needs every process; offload is "
-    "untested): use configs/accelerate/deepspeed_zero2.yaml, or DDP (configs/accelerate/multi_gpu_ddp.yaml); "
-    "ZeRO-3 trains from Python with peft_sara.attach (README: Sharded training)."
+    "The training scripts run under accelerate's DeepSpeed plugin with ZeRO stage 1, 2 or 3 and no offload only "
+    "(stage 0 steps copies of the values SaRA does not reach; offload is untested): use "
+    "configs/accelerate/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or DDP (configs/accelerate/multi_gpu_ddp.yaml)."
 )
 FSDP1_REFUSAL = (
     "SaRA does not train under FSDP1 (FullyShardedDataParallel) yet: its flat parameters hold shards of the base "
@@ -91,6 +90,12 @@ def local_positions(positions: torch.Tensor, reference: torch.Tensor) -> torch.T
     return positions[(positions >= start) & (positions < end)] - start
 
 
+def reading_needs_every_process(model: nn.Module) -> bool:
+    """Whether reading the model's whole parameters (its adapter's state dict, a forward) is a collective: some are
+    FSDP2 DTensors or ZeRO-3 partitions, so every process must take part, not the main one alone."""
+    return any(is_sharded(param) or is_zero3_partitioned(param) for param in model.parameters())
+
+
 def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | None:
     """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer other than ZeRO's, or a
     DeepSpeed engine without one; ZeRO-3 partitioned parameters without ZeRO-3's optimizer; FSDP1 wrappers), as one
@@ -115,7 +120,7 @@ def unsupported_launch(distributed_type: str, zero_stage: int | None = None, off
     """Why a training script cannot run under accelerate's engine of this launch (its `DistributedType` name and,
     for DeepSpeed, the ZeRO stage and whether anything is offloaded), said before any model is loaded; None where
     it can."""
-    if distributed_type == "DEEPSPEED" and (zero_stage not in (1, 2) or offload):
+    if distributed_type == "DEEPSPEED" and (zero_stage not in (1, 2, 3) or offload):
         return ACCELERATE_DEEPSPEED_REFUSAL
     if distributed_type == "FSDP":
         return ACCELERATE_FSDP_REFUSAL

@@ -286,11 +286,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         # 5. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
         accelerator.wait_for_everyone()
+        # New Code #
+        # the adapters (and new tokens) as PEFT folders and <output name>_emb.safetensors (gathered under ZeRO-3)
+        save_final_adapters(accelerator, args, {name: models[name] for name in adapted}, new_tokens)
+        # End of new code #
         if accelerator.is_main_process:
-            # New Code #
-            # the adapters (and new tokens) as PEFT folders and <output name>_emb.safetensors
-            save_final_adapters(accelerator, args, {name: models[name] for name in adapted}, new_tokens)
-            # End of new code #
             finish_output(
                 accelerator,
                 args,

@@ -296,10 +296,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         # 4. Save the adapters as PEFT folders, sample them from a fresh pipeline, write the card, upload.
         accelerator.wait_for_everyone()
+        # New Code #
+        save_final_adapters(accelerator, args, models)  # the adapters as PEFT folders (gathered under ZeRO-3)
+        # End of new code #
         if accelerator.is_main_process:
-            # New Code #
-            save_final_adapters(accelerator, args, models)  # the adapters as PEFT folders
-            # End of new code #
             finish_output(accelerator, args, validation, global_step)
         accelerator.end_training()
         return Path(args.output_dir)

@@ -19,7 +19,12 @@ PRESET_SCRIPTS = {
 
 @pytest.mark.parametrize(
     "name, distributed_type",
-    [("single_gpu.yaml", "NO"), ("multi_gpu_ddp.yaml", "MULTI_GPU"), ("deepspeed_zero2.yaml", "DEEPSPEED")],
+    [
+        ("single_gpu.yaml", "NO"),
+        ("multi_gpu_ddp.yaml", "MULTI_GPU"),
+        ("deepspeed_zero2.yaml", "DEEPSPEED"),
+        ("deepspeed_zero3.yaml", "DEEPSPEED"),
+    ],
 )
 def test_accelerate_configs_load(name, distributed_type):
     from accelerate.commands.config.config_args import load_config_from_file

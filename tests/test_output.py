@@ -52,6 +52,18 @@ def test_non_finite_values_are_never_saved(tmp_path):
     assert list(tmp_path.iterdir()) == []  # not even the good component
 
 
+def test_a_process_that_only_helps_to_gather_writes_nothing(tmp_path, monkeypatch):
+    (unet,) = adapted_unets(1)
+    import peft.utils
+
+    reads = []
+    read = peft.utils.get_peft_model_state_dict
+    monkeypatch.setattr(peft.utils, "get_peft_model_state_dict", lambda *a, **k: reads.append(1) or read(*a, **k))
+    save_adapters(str(tmp_path / "out"), {"unet": unet}, write=False)
+    assert reads == [1], "it reads the adapter (a collective under ZeRO-3)"
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
     with lock_output_dir(str(tmp_path / "out")):
         with pytest.raises(UserInputError, match=r"Another run \(process \d+\) is using --output_dir"):

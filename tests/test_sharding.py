@@ -114,11 +114,13 @@ def test_attach_refuses_fsdp1():
     assert result.stdout.strip() == f"refused: {FSDP1_REFUSAL}"
 
 
-def test_scripts_refuse_accelerates_fsdp_and_deepspeed_beyond_zero2_before_loading_anything(tmp_path, monkeypatch):
+def test_scripts_refuse_accelerates_fsdp_and_deepspeed_without_zero_or_with_offload_before_loading_anything(
+    tmp_path, monkeypatch
+):
     assert unsupported_launch("DEEPSPEED") == ACCELERATE_DEEPSPEED_REFUSAL  # no ZeRO stage: DeepSpeed without ZeRO
-    assert unsupported_launch("DEEPSPEED", 3) == ACCELERATE_DEEPSPEED_REFUSAL
-    assert unsupported_launch("DEEPSPEED", 2, offload=True) == ACCELERATE_DEEPSPEED_REFUSAL
-    assert unsupported_launch("DEEPSPEED", 1) is None and unsupported_launch("DEEPSPEED", 2) is None
+    assert unsupported_launch("DEEPSPEED", 0) == ACCELERATE_DEEPSPEED_REFUSAL
+    assert unsupported_launch("DEEPSPEED", 3, offload=True) == ACCELERATE_DEEPSPEED_REFUSAL
+    assert all(unsupported_launch("DEEPSPEED", stage) is None for stage in (1, 2, 3))
     assert unsupported_launch("FSDP") == ACCELERATE_FSDP_REFUSAL
     assert unsupported_launch("MULTI_GPU") is None and unsupported_launch("NO") is None
     from accelerate import Accelerator

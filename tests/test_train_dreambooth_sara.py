@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import launch_two_cpu_processes, load_script, tiny_unet, two_process_env, write_images
+from conftest import free_port, launch_two_cpu_processes, load_script, tiny_unet, two_process_env, write_images
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -447,10 +447,10 @@ def test_the_text_encoder_adapter_trains_for_its_share_of_the_run(dreambooth_arg
     )
 
 
-def launch_under_deepspeed(script_args: list[str]) -> str:
-    """`accelerate launch` with the shipped ZeRO-2 config on one CPU process (accelerate gives each CPU rank a world
-    of its own under DeepSpeed, so one process is what runs here; DeepSpeed's CPU accelerator over gloo)."""
-    config = os.path.join(REPO_ROOT, "configs", "accelerate", "deepspeed_zero2.yaml")
+def launch_under_deepspeed(script_args: list[str], stage: int) -> str:
+    """`accelerate launch` with the shipped ZeRO-`stage` config on one CPU process (accelerate gives each CPU rank a
+    world of its own under DeepSpeed, so one process is what runs here; DeepSpeed's CPU accelerator over gloo)."""
+    config = os.path.join(REPO_ROOT, "configs", "accelerate", f"deepspeed_zero{stage}.yaml")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1"]
     command += ["--mixed_precision", "no", SCRIPT, *script_args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
@@ -459,26 +459,78 @@ def launch_under_deepspeed(script_args: list[str]) -> str:
     return result.stdout + result.stderr
 
 
+# ZeRO-3's hooks make autograd sum the UNet's skip connections in another order (tests/test_zero.py)
+ZERO3_ATOL = 2e-5
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (make test installs it)")
-def test_under_accelerates_deepspeed_zero2_the_script_trains_and_resumes_the_plain_run_s_adapter(
-    dreambooth_args, tmp_path
+@pytest.mark.parametrize("stage", [2, 3])
+def test_under_accelerates_deepspeed_the_script_trains_and_resumes_the_plain_run_s_adapter(
+    dreambooth_args, tmp_path, stage
 ):
     common = dreambooth_args + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--progressive_step", "3"]
     common += ["--learning_rate", "1e-2", "--lambda_rank", "0.1"]
+    common += ["--validation_prompt", "a photo of sks dog", "--validation_steps", "2"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the DeepSpeed process, so that the kernels sum alike
     try:
         load_script("train_dreambooth_sara").main(common + ["--output_dir", str(tmp_path / "plain")])
     finally:
         torch.set_num_threads(threads)
-    log = launch_under_deepspeed(common + ["--output_dir", str(tmp_path / "zero2")])
+    zero = tmp_path / f"zero{stage}"
+    log = launch_under_deepspeed(common + ["--output_dir", str(zero)], stage)
     assert "DeepSpeed Model and Optimizer saved" in log, "DeepSpeed really ran and wrote its checkpoints"
+    images = sorted(path.name for path in (zero / "validation").iterdir())
+    assert images == ["final-0.png", "step-2-0.png", "step-4-0.png"], "validation during training under DeepSpeed"
+    (model_states,) = (zero / "checkpoint-4" / "pytorch_model").glob("*model_states.pt")  # stage 3: one per rank
+    saved = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    assert saved and all(".sara_" in key for key in saved), "DeepSpeed's checkpoints hold no copy of the frozen base"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(tmp_path / "zero2" / "checkpoint-2", resumed / "checkpoint-2")
-    launch_under_deepspeed(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    shutil.copytree(zero / "checkpoint-2", resumed / "checkpoint-2")
+    launch_under_deepspeed(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], stage)
     expected = load_file(tmp_path / "plain" / "unet" / "adapter_model.safetensors")
-    for run in ("zero2", "resumed"):
-        actual = load_file(tmp_path / run / "unet" / "adapter_model.safetensors")
+    straight = load_file(zero / "unet" / "adapter_model.safetensors")
+    assert straight.keys() == expected.keys()
+    if stage == 3:
+        assert all(torch.allclose(straight[key], expected[key], rtol=0, atol=ZERO3_ATOL) for key in expected)
+        expected = straight  # a resumed ZeRO-3 run trains what ZeRO-3 trains straight, bit for bit
+    for run in (zero, resumed):
+        actual = load_file(run / "unet" / "adapter_model.safetensors")
         assert actual.keys() == expected.keys()
-        assert all(torch.equal(actual[key], expected[key]) for key in expected), run
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), run.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (make test installs it)")
+def test_on_two_processes_under_deepspeed_zero3_the_script_gathers_to_save_and_validate_and_trains_as_ddp(
+    dreambooth_args, tmp_path
+):
+    common = dreambooth_args + ["--max_train_steps", "2", "--checkpointing_steps", "1", "--progressive_step", "1"]
+    common += ["--learning_rate", "1e-2", "--lambda_rank", "0.1"]
+    common += ["--validation_prompt", "a photo of sks dog", "--validation_steps", "1"]
+    ddp = tmp_path / "ddp"
+    command = launch_two_cpu_processes(SCRIPT, common + ["--output_dir", str(ddp)])
+    result = subprocess.run(command, env=two_process_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    zero = tmp_path / "zero3"
+    config = os.path.join(REPO_ROOT, "configs", "accelerate", "deepspeed_zero3.yaml")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+    command += ["--mixed_precision", "no", "--main_process_port", free_port()]
+    command += [os.path.join(REPO_ROOT, "tests", "helpers", "accelerate_cpu_world.py"), SCRIPT]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    # a save or a validation on the main process alone would wait for the other forever
+    result = subprocess.run(
+        command + common + ["--output_dir", str(zero)], env=env, capture_output=True, text=True, timeout=300
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "Num processes = 2" in log
+    ranks = sorted(path.name for path in (zero / "checkpoint-2" / "pytorch_model").glob("*model_states.pt"))
+    assert ranks == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    images = sorted(path.name for path in (zero / "validation").iterdir())
+    assert images == ["final-0.png", "step-1-0.png", "step-2-0.png"], "sampled on both processes, saved by one"
+    for run in (zero / "checkpoint-1", zero):
+        actual = load_file(run / "unet" / "adapter_model.safetensors")
+        expected = load_file(ddp / run.relative_to(zero) / "unet" / "adapter_model.safetensors")
+        assert actual.keys() == expected.keys()
+        assert all(torch.allclose(actual[key], expected[key], rtol=0, atol=ZERO3_ATOL) for key in expected), run.name

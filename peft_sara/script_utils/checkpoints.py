@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..sharding import reading_needs_every_process
 from ..training import SaRATraining
 from .cli import UserInputError, get_logger
 from .output import save_adapters
@@ -121,7 +122,9 @@ def save_checkpoint(
         for leftover in [unfinished, *Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*{DELETING_SUFFIX}")]:
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(unfinished))  # on every process: DeepSpeed needs all of them
+    # on every process: DeepSpeed needs all of them; its model file holds the trained parameters alone, as the
+    # adapters do (not a copy of the frozen base)
+    accelerator.save_state(str(unfinished), **_deepspeed_kwargs(accelerator, exclude_frozen_parameters=True))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {
@@ -140,6 +143,11 @@ def save_checkpoint(
         logger.info("Saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _deepspeed_kwargs(accelerator, **kwargs: Any) -> dict[str, Any]:
+    """`kwargs` for DeepSpeed's save_checkpoint / load_checkpoint, which accelerate passes on under DeepSpeed only."""
+    return kwargs if getattr(accelerator.state, "deepspeed_plugin", None) is not None else {}
 
 
 class CheckpointedState(Protocol):
@@ -165,9 +173,11 @@ def register_checkpointing(
     """
 
     def save_hook(hook_models, weights, output_dir):
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        # reading a ZeRO-3 partitioned adapter takes every process; the main one writes
+        if accelerator.is_main_process or any(map(reading_needs_every_process, unwrapped.values())):
+            save_adapters(output_dir, unwrapped, write=accelerator.is_main_process)
         if accelerator.is_main_process:
-            unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-            save_adapters(output_dir, unwrapped)
             save_training_state(training, Path(output_dir) / TRAINING_STATE_NAME)
             for state in states:
                 state.save_state(Path(output_dir))
@@ -187,7 +197,8 @@ def load_checkpoint(accelerator, checkpoint: Path) -> int:
     """Restore a checkpoint (adapters, optimizer, schedule, RNG states, SaRA's state); returns its step."""
     logger.info("Resuming from checkpoint %s", checkpoint)
     try:
-        accelerator.load_state(str(checkpoint))
+        # the frozen base is not in a DeepSpeed checkpoint (see `save_checkpoint`): the run loaded it already
+        accelerator.load_state(str(checkpoint), **_deepspeed_kwargs(accelerator, load_module_strict=False))
     except UserInputError:
         raise
     except Exception as error:  # torch, safetensors and pickle raise many types for a damaged file

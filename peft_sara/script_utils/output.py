@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..loading import COMPONENTS_KEY, EMBEDDINGS_KEY, SAVE_ID_KEY
+from ..sharding import reading_needs_every_process
 from ..tokens import TOKENS_KEY
 from .cli import UserInputError, get_logger, is_main_process
 from .model_card import write_model_card
@@ -68,6 +69,7 @@ def save_adapters(
     dtype: torch.dtype = torch.float32,
     token_embeddings: dict[str, torch.Tensor] | None = None,
     tokens: Sequence[str] = (),
+    write: bool = True,
 ) -> None:
     """Write each component's SaRA adapter as a standard PEFT adapter folder output_dir/<component>/, and with
     pivotal tuning the new `tokens`' `token_embeddings` (by key: `clip_l`, `clip_g`) as
@@ -76,7 +78,8 @@ def save_adapters(
     The keys carry PEFT's `base_model.model.` prefix, as `PeftModel.save_pretrained` writes them, so the folder loads
     with `PeftModel.from_pretrained` as well as into a plain diffusers or transformers model. Nothing is written when
     a value is not finite (also after the cast to `dtype`, the values' precision on disk: they load back as fp32).
-    Each folder is written beside its final name and then renamed into place.
+    Each folder is written beside its final name and then renamed into place. Where the adapters are sharded
+    (ZeRO-3), every process calls this to gather them, and only the one with `write` writes.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -96,6 +99,8 @@ def save_adapters(
                 "the range of --save_precision): nothing was saved."
             )
         state_dicts[name] = state_dict
+    if not write:
+        return
     metadata = {"format": "pt", SAVE_ID_KEY: uuid.uuid4().hex, COMPONENTS_KEY: ",".join(components)}
     if token_embeddings:
         metadata[EMBEDDINGS_KEY] = embeddings_file_name(output_dir)
@@ -123,16 +128,20 @@ def save_adapters(
 
 
 def save_final_adapters(accelerator, args, models: dict[str, torch.nn.Module], new_tokens=None) -> None:
-    """The end of a run (main process): the prepared `models`' adapters as PEFT folders in --output_dir, in
-    --save_precision, naming the base model; with pivotal tuning also `new_tokens`' embeddings
-    (`<output folder name>_emb.safetensors`)."""
+    """The end of a run (every process calls it; the main one writes): the prepared `models`' adapters as PEFT
+    folders in --output_dir, in --save_precision, naming the base model; with pivotal tuning also `new_tokens`'
+    embeddings (`<output folder name>_emb.safetensors`)."""
+    unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+    if not accelerator.is_main_process and not any(map(reading_needs_every_process, unwrapped.values())):
+        return  # nothing to gather: the main process reads its own copy
     save_adapters(
         args.output_dir,
-        {name: accelerator.unwrap_model(model) for name, model in models.items()},
+        unwrapped,
         base_model=args.pretrained_model_name_or_path,
         dtype=SAVE_DTYPES[args.save_precision],
         token_embeddings=new_tokens.embeddings() if new_tokens else None,
         tokens=new_tokens.tokens if new_tokens else (),
+        write=accelerator.is_main_process,
     )
 
 

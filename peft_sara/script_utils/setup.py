@@ -40,6 +40,7 @@ def make_accelerator(
     refusal = unsupported_launch(accelerator.distributed_type.name, *_zero_stage_and_offload(accelerator))
     if refusal is not None:  # said before any model is loaded
         raise UserInputError(refusal)
+    _load_models_whole(accelerator)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if seed is not None:
         set_seed(seed)
@@ -56,6 +57,24 @@ def _zero_stage_and_offload(accelerator) -> tuple[int | None, bool]:
     zero = plugin.deepspeed_config.get("zero_optimization", {})
     devices = [zero.get(part, {}).get("device", "none") for part in ("offload_optimizer", "offload_param")]
     return zero.get("stage"), any(device not in (None, "none") for device in devices)
+
+
+def _load_models_whole(accelerator) -> None:
+    """Under ZeRO-3, keep transformers from partitioning the models it loads: accelerate registers its DeepSpeed
+    config with transformers whatever zero3_init_flag says, and a CLIP text encoder partitioned at load, outside any
+    engine, encodes nothing. The scripts load the frozen models whole and ZeRO-3 partitions the denoiser when it is
+    prepared (diffusers loads it whole either way)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    if plugin.zero3_init_flag:
+        logging.getLogger(__name__).warning(
+            "zero3_init_flag is ignored: the scripts load the frozen models whole (a text encoder partitioned at "
+            "load would encode nothing) and ZeRO-3 partitions the denoiser when it is prepared."
+        )
+    unset_hf_deepspeed_config()
 
 
 def check_deepspeed_run(

@@ -134,20 +134,26 @@ def sampling_validator(
 ) -> Callable[[int], None]:
     """`validate(step)` for the loop: samples the validation prompt with the models in training (main process), then
     puts them back in training mode. `models` are the prepared ones; `make_pipeline` builds a pipeline around them,
-    unwrapped, and `prompt_inputs()` gives what replaces the prompt in its call."""
+    unwrapped, and `prompt_inputs()` gives what replaces the prompt in its call. Models that ZeRO-3 partitions gather
+    their weights in every forward, a collective: then every process samples the same images, and the main one saves
+    and logs them."""
+    from ..sharding import reading_needs_every_process
     from .models import weight_dtype_of
 
     def validate(step: int) -> None:
-        if not settings.prompt or not accelerator.is_main_process:
+        if not settings.prompt:
             return
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
+        if not accelerator.is_main_process and not any(map(reading_needs_every_process, unwrapped.values())):
+            return
         for model in unwrapped.values():
             model.eval()
         pipeline = make_pipeline(unwrapped).to(accelerator.device)
         dtype = weight_dtype_of(accelerator.mixed_precision)
         inputs = prompt_inputs() if prompt_inputs is not None else None
         images = generate_validation_images(pipeline, settings, dtype, inputs)
-        log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
+        if accelerator.is_main_process:
+            log_validation(accelerator.trackers, images, output_dir, f"step-{step}", step)
         for model in unwrapped.values():
             model.train()
 

@@ -18,6 +18,7 @@ from conftest import unet_inputs  # noqa: E402
 from fsdp2_train import sara_model  # noqa: E402
 
 from peft_sara import attach  # noqa: E402
+from peft_sara.sharding import reading_needs_every_process  # noqa: E402
 from peft_sara.zero import whole_shape  # noqa: E402
 
 STEPS = 4
@@ -71,6 +72,7 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
             "frozen_fraction": training.frozen_fraction,
             "training": training.state_dict(),
             "held_whole": sum(held_whole) / len(held_whole),
+            "reading_needs_every_process": reading_needs_every_process(model),
         }
         torch.save(report, os.path.join(output_dir, "report.pt"))
 
