@@ -32,7 +32,7 @@ from .sparse_ops import (
     scatter_updates,
     select_entries,
 )
-from .zero import gather_for_layer, is_zero3_partitioned
+from .zero import gather_for_layer, is_zero3_partitioned, whole_shape
 
 
 class ModelReference:
@@ -55,6 +55,16 @@ class ModelReference:
 
     def __reduce__(self) -> tuple:
         return ModelReference, ()
+
+
+class _GradientFreeze:
+    """What `SaRALayer.freeze_gradient` returns: `remove()` gives the positions their gradient back."""
+
+    def __init__(self, layer: SaRALayer, adapter_name: str) -> None:
+        self.layer, self.adapter_name = layer, adapter_name
+
+    def remove(self) -> None:
+        self.layer._gradient_frozen.pop(self.adapter_name, None)
 
 
 class SaRALayer(BaseTunerLayer):
@@ -83,7 +93,15 @@ class SaRALayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         self.model_reference = ModelReference()
         self._checked_for_merge: list[str] | None = None  # adapters a peer's safe merge has checked for this layer
+        # per adapter, positions of its values that get no gradient from the op (see `freeze_gradient`)
+        self._gradient_frozen: dict[str, torch.Tensor] = {}
         base_layer = self.get_base_layer()
+        # the base tensors' shapes now, before an engine shards them (ZeRO-3 and FSDP1 leave 1-D pieces behind)
+        self._base_shapes = {
+            name: whole_shape(tensor)
+            for name in ("weight", "bias")
+            if (tensor := getattr(base_layer, name, None)) is not None
+        }
         for attribute in ("in_channels", "out_channels"):
             if hasattr(base_layer, attribute):
                 setattr(self, attribute, getattr(base_layer, attribute))
@@ -96,6 +114,10 @@ class SaRALayer(BaseTunerLayer):
         base_layer = self.base_layer
         # PEFT's lookup probes every level with hasattr, which raises inside torch for a plain layer: once per call
         return super().get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+
+    def whole_base_shape(self, tensor_name: str) -> torch.Size:
+        """The shape of the base layer's `weight` or `bias`, also while an engine holds only a piece of it."""
+        return self._base_shapes[tensor_name]
 
     def base_entries(self, adapter_name: str) -> torch.Tensor:
         """The base weight's entries at an adapter's positions, without any update (the regulariser and the
@@ -149,11 +171,23 @@ class SaRALayer(BaseTunerLayer):
         value_dict[adapter_name] = nn.Parameter(values)
 
     def _updates(self, adapter_names, index_dict, value_dict):
-        return [
-            (index_dict[name], value_dict[name], self.sara_scaling[name])
-            for name in adapter_names
-            if name in value_dict
-        ]
+        updates = []
+        for name in adapter_names:
+            if name not in value_dict:
+                continue
+            values = value_dict[name]
+            frozen = self._gradient_frozen.get(name) if value_dict is self.sara_values else None
+            if frozen is not None:  # the same values, with no path for a gradient at the frozen positions
+                values = values.index_put((frozen,), values.detach().index_select(0, frozen))
+            updates.append((index_dict[name], values, self.sara_scaling[name]))
+        return updates
+
+    def freeze_gradient(self, adapter_name: str, positions: torch.Tensor) -> _GradientFreeze:
+        """Have the op give the adapter's values no gradient at `positions` (until the returned handle's
+        `remove()`), for engines under which gradient hooks on the values never run (FSDP1 computes with views of
+        its flat parameters); the forward is unchanged."""
+        self._gradient_frozen[adapter_name] = positions
+        return _GradientFreeze(self, adapter_name)
 
     def _effective_bias(self, bias: torch.Tensor | None, adapter_names) -> torch.Tensor | None:
         if bias is None or not self.sara_bias_values:

@@ -14,7 +14,7 @@ from .config import SaRAConfig
 from .layer import Conv2d, Linear, ModelReference, SaRALayer
 from .sharding import full_tensor
 from .sparse_ops import index_dtype_for
-from .zero import is_zero3_partitioned, whole_shape
+from .zero import needs_gathering
 
 SUPPORTED_LAYERS = {nn.Linear: Linear, nn.Conv2d: Conv2d}
 PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names its base model's modules
@@ -22,6 +22,13 @@ PEFT_MODEL_PREFIX = "base_model.model."  # how a PeftModel names its base model'
 SPARSE_UPDATES = (
     ("sara_indices", "sara_values", "weight", "sara_mask"),
     ("sara_bias_indices", "sara_bias_values", "bias", "sara_bias_mask"),
+)
+FSDP1_WRAPPER_PREFIX = "_fsdp_wrapped_module."
+INCOMPLETE_STATE_REFUSAL = (
+    "The state dict holds only part of the SaRA adapter (a shard of an engine's): under FSDP1, gather FSDP1's full "
+    "state dict on every process and pass it: with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, "
+    "FullStateDictConfig(rank0_only=False)): state = model.state_dict(), then peft_model.save_pretrained(folder, "
+    "state_dict=state, is_main_process=rank == 0)"
 )
 # Saved with each layer's update: the shape of the tensor it updates, so that an adapter describes itself and cannot
 # load onto a base whose layer of the same name has another shape (adapters saved before these keys still load).
@@ -227,19 +234,30 @@ class SaRAModel(BaseTuner):
         """Save each layer's positions in the smallest of three forms (integers, a bitmask, 16-bit steps), and the
         shape of the tensor they index. Values an engine shards (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions, whose
         fp32 copy is saved) are gathered whole: every process must call this (as `save_pretrained` does), and the main
-        process writes."""
+        process writes. Under ZeRO-1/2 with half-precision values, ZeRO's fp32 copy is saved as well. Under FSDP1,
+        pass `save_pretrained` FSDP1's full state dict (`INCOMPLETE_STATE_REFUSAL` says how)."""
+        given = state_dict
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        # the state dict's tensors are detached: a ZeRO-3 parameter is gathered through the parameter itself
-        partitioned = {name: param for name, param in model.named_parameters() if is_zero3_partitioned(param)}
-        state_dict = {key: full_tensor(partitioned.get(key, tensor)) for key, tensor in state_dict.items()}
+        # the state dict's tensors are detached: a ZeRO parameter is gathered through the parameter itself
+        gathered = {name: param for name, param in model.named_parameters() if needs_gathering(param)}
+        state_dict = {key: full_tensor(gathered.get(key, tensor)) for key, tensor in state_dict.items()}
         for module_name, module in model.named_modules():
             if not isinstance(module, SaRALayer):
                 continue
-            for index_attr, _, tensor_name, mask_attr in SPARSE_UPDATES:
-                index_key = f"{module_name}.{index_attr}.{adapter_name}"
-                if index_key not in state_dict:
+            # FSDP1's units add `_fsdp_wrapped_module.` to the names of the modules they wrap, anywhere in a name, and
+            # its full state dict leaves it out (PEFT's selection above drops it at the start of a name only)
+            module_name = module_name.replace(FSDP1_WRAPPER_PREFIX, "")
+            for index_attr, values_attr, tensor_name, mask_attr in SPARSE_UPDATES:
+                if adapter_name not in getattr(module, index_attr):
                     continue
-                shape = whole_shape(getattr(module.get_base_layer(), tensor_name))
+                index_key, values_key = (f"{module_name}.{name}.{adapter_name}" for name in (index_attr, values_attr))
+                for key in (index_key, values_key):
+                    if key not in state_dict and key in given:
+                        state_dict[key] = given[key]
+                positions, values = state_dict.get(index_key), state_dict.get(values_key)
+                if positions is None or values is None or values.numel() != positions.numel():
+                    raise ValueError(f"{INCOMPLETE_STATE_REFUSAL} (layer {module_name})")
+                shape = module.whole_base_shape(tensor_name)
                 shape_key = f"{module_name}.{SHAPE_ATTRS[tensor_name]}.{adapter_name}"
                 state_dict[shape_key] = torch.tensor(shape, dtype=torch.int64)
                 numel, positions = shape.numel(), state_dict[index_key]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .zero import is_stage3, is_zero3_partitioned, whole_copy, zero_optimizer
+from .zero import is_stage3, is_zero3_partitioned, needs_gathering, whole_copy, zero_optimizer
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -39,14 +39,11 @@ ACCELERATE_DEEPSPEED_REFUSAL = (
     "(stage 0 steps copies of the values SaRA does not reach; offload is untested): use "
     "configs/accelerate/deepspeed_zero2.yaml or deepspeed_zero3.yaml, or DDP (configs/accelerate/multi_gpu_ddp.yaml)."
 )
-FSDP1_REFUSAL = (
-    "SaRA does not train under FSDP1 (FullyShardedDataParallel) yet: its flat parameters hold shards of the base "
-    f"weights, which SaRA's op and step read whole; {_USE_INSTEAD}."
-)
 ACCELERATE_FSDP_REFUSAL = (
-    "The training scripts do not run under accelerate's FSDP plugin yet (untested: saving gathers on every process, "
-    "which the scripts do on the main one only); train with DDP (accelerate launch --config_file "
-    "configs/accelerate/multi_gpu_ddp.yaml), or use FSDP2's fully_shard from Python (README: Sharded training)."
+    "The training scripts do not run under accelerate's FSDP plugin yet (untested: accelerate starts FSDP on GPUs "
+    "only, and its default FSDP1 is not supported); train with DDP (accelerate launch --config_file "
+    "configs/accelerate/multi_gpu_ddp.yaml) or DeepSpeed (configs/accelerate/deepspeed_zero3.yaml shards the "
+    "denoiser), or use FSDP2's fully_shard from Python (README: Sharded training)."
 )
 ZERO3_REFUSAL = (
     "The model's parameters are partitioned by DeepSpeed ZeRO-3, but the optimizer is not the ZeRO-3 optimizer that "
@@ -59,9 +56,9 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (gathered from every process's shard: a DTensor, or a ZeRO-3 parameter, which must be passed
-    itself, not detached)."""
-    if is_zero3_partitioned(tensor):
+    """The whole tensor (gathered from every process's shard: a DTensor, or a parameter ZeRO partitions, which must
+    be passed itself, not detached; for a trained one ZeRO's fp32 copy)."""
+    if needs_gathering(tensor):
         return whole_copy(tensor)
     return tensor.full_tensor() if is_sharded(tensor) else tensor
 
@@ -90,16 +87,23 @@ def local_positions(positions: torch.Tensor, reference: torch.Tensor) -> torch.T
     return positions[(positions >= start) & (positions < end)] - start
 
 
-def reading_needs_every_process(model: nn.Module) -> bool:
-    """Whether reading the model's whole parameters (its adapter's state dict, a forward) is a collective: some are
-    FSDP2 DTensors or ZeRO-3 partitions, so every process must take part, not the main one alone."""
+def forward_needs_every_process(model: nn.Module) -> bool:
+    """Whether the model's forward is a collective (it gathers FSDP2 DTensors or ZeRO-3 partitions), so that every
+    process must run it, e.g. to sample validation images, not the main one alone."""
     return any(is_sharded(param) or is_zero3_partitioned(param) for param in model.parameters())
+
+
+def reading_needs_every_process(model: nn.Module) -> bool:
+    """Whether reading the model's whole trained values (its adapter's state dict) is a collective: some are FSDP2
+    DTensors, ZeRO-3 partitions or ZeRO-1/2's fp32 copies of half-precision values, so every process must take part,
+    not the main one alone."""
+    return any(is_sharded(param) or needs_gathering(param) for param in model.parameters())
 
 
 def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | None:
     """Why SaRA cannot train these models with this optimizer (a DeepSpeed optimizer other than ZeRO's, or a
-    DeepSpeed engine without one; ZeRO-3 partitioned parameters without ZeRO-3's optimizer; FSDP1 wrappers), as one
-    line naming the fix; None where it can."""
+    DeepSpeed engine without one; ZeRO-3 partitioned parameters without ZeRO-3's optimizer), as one line naming the
+    fix; None where it can. (FSDP1's own limits are `fsdp1`'s.)"""
     zero = zero_optimizer(optimizer)
     wrapped = optimizer
     while wrapped is not None and wrapped is not zero:
@@ -111,8 +115,6 @@ def unsupported_engine(models: Iterable[nn.Module], optimizer: Any) -> str | Non
             return DEEPSPEED_REFUSAL
         if not is_stage3(zero) and any(is_zero3_partitioned(param) for param in model.parameters()):
             return ZERO3_REFUSAL
-        if any(_is_fsdp1(module) for module in model.modules()):
-            return FSDP1_REFUSAL
     return None
 
 
@@ -130,11 +132,3 @@ def unsupported_launch(distributed_type: str, zero_stage: int | None = None, off
 def _from_deepspeed(thing: Any) -> bool:
     # by module name, so that recognising DeepSpeed's classes does not import (or need) DeepSpeed
     return type(thing).__module__.split(".")[0] == "deepspeed"
-
-
-def _is_fsdp1(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:
-        return False
-    return isinstance(module, FullyShardedDataParallel)

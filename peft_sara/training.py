@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .config import SaRAConfig
+from .fsdp1 import Fsdp1Shards, fsdp1_units, wrapped_layer_problem
 from .layer import SaRALayer
 from .sharding import full_tensor, is_sharded, like, local, local_positions, unsupported_engine
-from .zero import ZeroPartitions, whole_shape, zero_optimizer
+from .zero import ZeroPartitions, zero_optimizer
 
 
 def paper_learning_rate(threshold: float) -> float:
@@ -102,6 +103,8 @@ class _TrainedUpdate:
     layer: SaRALayer
     adapter: str
     config: SaRAConfig
+    weight_shape: torch.Size  # the base weight's whole shape, also where an engine shards it
+    values_numel: int  # how many values the update has, also where an engine shards them
 
     @property
     def values(self) -> nn.Parameter:
@@ -110,10 +113,6 @@ class _TrainedUpdate:
     @property
     def indices(self) -> torch.Tensor:
         return self.layer.sara_indices[self.adapter]
-
-    @property
-    def weight_shape(self) -> torch.Size:
-        return whole_shape(self.layer.get_base_layer().weight)
 
     def effective_values(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 value of the weight at the trainable positions: base + scale · update (whole, also where an engine
@@ -135,6 +134,11 @@ class SaRATraining:
         refusal = unsupported_engine(models, optimizer)
         if refusal is not None:
             raise ValueError(refusal)
+        units = fsdp1_units(models)
+        problem = wrapped_layer_problem(models, SaRALayer) if units else None
+        if problem is not None:
+            raise ValueError(problem)
+        self.fsdp1 = Fsdp1Shards(units) if units else None  # FSDP1: each process holds part of each parameter
         zero = zero_optimizer(optimizer)
         self.zero = ZeroPartitions(zero) if zero is not None else None  # DeepSpeed ZeRO steps fp32 partitions
         self.optimizer = self.zero.optimizer if self.zero is not None else _unwrap_optimizer(optimizer)
@@ -182,7 +186,7 @@ class SaRATraining:
     @property
     def frozen_fraction(self) -> float:
         """Share of the original trainable entries frozen by the progressive step."""
-        total = sum(whole_shape(update.values).numel() for update in self.updates)
+        total = sum(update.values_numel for update in self.updates)
         frozen = sum(positions.numel() for positions, _, _, _ in self._frozen.values())
         return frozen / total if total else 0.0
 
@@ -194,6 +198,9 @@ class SaRATraining:
         return group is None or self.zero.group_of(update.values) == group
 
     def _effective_values(self, update: _TrainedUpdate) -> torch.Tensor:
+        if self.fsdp1 is not None:  # FSDP1 holds the layer's weight and values whole inside its unit only
+            with self.fsdp1.whole(update.values):
+                return update.effective_values()
         values = self.zero.full_values(update.values) if self.zero is not None else None
         return update.effective_values(values)
 
@@ -231,8 +238,8 @@ class SaRATraining:
         if grad_scale is not None:
             subgradient.mul_(grad_scale.to(subgradient.device))
         values = update.values
-        if self.zero is not None:
-            self.zero.add_to_gradient(values, subgradient)
+        if self.zero is not None or self.fsdp1 is not None:  # into this process's part of the gradient
+            (self.zero or self.fsdp1).add_to_gradient(values, subgradient)
             return weight * nuclear_norm
         subgradient = like(subgradient.to(values.dtype), values)
         values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
@@ -268,7 +275,10 @@ class SaRATraining:
             handle = values.register_hook(lambda grad: grad.index_fill(0, positions, 0))
             self._frozen[update.key] = (positions, positions, frozen_values, handle)
             return
-        if is_sharded(values):
+        if self.fsdp1 is not None:
+            held = self.fsdp1.local_positions(positions, values)
+            handle = update.layer.freeze_gradient(update.adapter, positions)  # hooks on FSDP1's views never run
+        elif is_sharded(values):
             # FSDP2 reduce-scatters into the sharded values' .grad outside autograd's view of them: a tensor hook
             # never runs there, the hook after accumulation does (before clipping and the step)
             handle = values.register_post_accumulate_grad_hook(lambda param: local(param.grad).index_fill_(0, held, 0))
@@ -356,7 +366,8 @@ def _trained_updates(model: nn.Module, key_prefix: str) -> list[_TrainedUpdate]:
         for adapter, values in module.sara_values.items():
             if values.requires_grad and isinstance(configs.get(adapter), SaRAConfig):
                 key = f"{key_prefix}{_canonical_module_name(name)}:{adapter}"
-                updates.append(_TrainedUpdate(key, module, adapter, configs[adapter]))
+                shape, count = module.whole_base_shape("weight"), module.sara_indices[adapter].numel()
+                updates.append(_TrainedUpdate(key, module, adapter, configs[adapter], shape, count))
     return updates
 
 
@@ -372,6 +383,7 @@ def _rank_candidates(updates: list[_TrainedUpdate]) -> list[tuple[SaRAConfig, li
 
 def _canonical_module_name(name: str) -> str:
     """Module name without the wrappers' prefixes, so that checkpoints match with or without DDP/compile/PeftModel."""
+    name = name.replace("_fsdp_wrapped_module.", "")  # FSDP1 wraps units anywhere in the model
     for prefix in ("module.", "_orig_mod.", "base_model.model."):
         while name.startswith(prefix):
             name = name.removeprefix(prefix)

@@ -51,11 +51,23 @@ def whole_shape(param: torch.Tensor) -> torch.Size:
     return param.ds_shape if is_zero3_partitioned(param) else param.shape
 
 
+def is_half_precision_copy(param: torch.Tensor) -> bool:
+    """A parameter that ZeRO-1/2 trains while the model holds it in half precision (bf16, fp16): the fp32 value it
+    steps lies in the processes' partitions, a slice each (`_hp_mapping`, None where this process holds none)."""
+    return hasattr(param, "_hp_mapping") and param.dtype != torch.float32
+
+
+def needs_gathering(param: torch.Tensor) -> bool:
+    """A parameter whose whole value (fp32 where ZeRO trains it) only all processes together hold: ZeRO-3
+    partitioned, or trained by ZeRO-1/2 in half precision. Reading it is a collective (`whole_copy`)."""
+    return is_zero3_partitioned(param) or is_half_precision_copy(param)
+
+
 def whole_copy(param: torch.Tensor) -> torch.Tensor:
-    """A ZeRO-3 parameter, whole and detached (a collective: every process calls it for the same parameter). For a
-    trained one, the fp32 copy that ZeRO-3 steps (what a plain run would hold; the model keeps it in the run's
-    precision)."""
-    if param.requires_grad and getattr(param, "_z3_optimizer", None) is not None:
+    """A parameter of `needs_gathering`, whole and detached (a collective: every process calls it for the same
+    parameter). For a trained one, the fp32 copy that ZeRO steps (what a plain run would hold; the model keeps it in
+    the run's precision)."""
+    if is_half_precision_copy(param) or (param.requires_grad and getattr(param, "_z3_optimizer", None) is not None):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param)

@@ -73,6 +73,26 @@ def test_sparse_backward_matches_dense_autograd(base):
     assert base.weight.grad is None
 
 
+@pytest.mark.parametrize("base", [nn.Linear(12, 9), nn.Conv2d(4, 6, 3, padding=1)], ids=["linear", "conv"])
+def test_freeze_gradient_gives_no_gradient_at_its_positions_and_the_same_output(base):
+    layer = sara_layer(base)
+    x = torch.randn(2, 12) if isinstance(base, nn.Linear) else torch.randn(2, 4, 5, 5)
+    values = layer.sara_values["default"]
+    expected = layer(x)
+    expected.square().sum().backward()
+    plain_grad, values.grad = values.grad, None
+    positions = torch.tensor([0, 3, values.numel() - 1])
+    handle = layer.freeze_gradient("default", positions)
+    output = layer(x)
+    output.square().sum().backward()
+    assert torch.equal(output, expected)
+    assert torch.equal(values.grad, plain_grad.index_fill(0, positions, 0))
+    handle.remove()
+    values.grad = None
+    layer(x).square().sum().backward()
+    assert torch.equal(values.grad, plain_grad)
+
+
 def test_bias_entries_train_sparsely():
     base = nn.Linear(6, 50)
     layer = sara_layer(base, threshold=0.1, include_bias=True)

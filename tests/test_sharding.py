@@ -22,7 +22,6 @@ from peft_sara.sharding import (
     ACCELERATE_DEEPSPEED_REFUSAL,
     ACCELERATE_FSDP_REFUSAL,
     DEEPSPEED_REFUSAL,
-    FSDP1_REFUSAL,
     ZERO3_REFUSAL,
     full_tensor,
     like,
@@ -100,18 +99,6 @@ def test_zero3_partitioned_weights_without_zero3_s_optimizer_are_refused_by_atta
     with pytest.raises(ValueError) as error:
         attach(model, optimizer)
     assert str(error.value) == ZERO3_REFUSAL
-
-
-def test_attach_refuses_fsdp1():
-    result = subprocess.run(
-        [sys.executable, os.path.join(HELPERS, "fsdp1_attach.py"), free_port()],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=two_process_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == f"refused: {FSDP1_REFUSAL}"
 
 
 def test_scripts_refuse_accelerates_fsdp_and_deepspeed_without_zero_or_with_offload_before_loading_anything(

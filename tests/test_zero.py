@@ -69,8 +69,23 @@ def test_zero_trains_the_plain_run_s_adapter_bit_for_bit(plain_run, tmp_path, st
     plain_folder, plain = plain_run
     run_zero(str(tmp_path), str(stage), str(groups))
     zero = assert_plain_run_s_training(tmp_path, plain)
-    assert not zero["reading_needs_every_process"]  # the values are whole: the main process saves alone
+    # the values are whole: the training scripts save and validate on the main process alone
+    assert not zero["reading_needs_every_process"] and not zero["forward_needs_every_process"]
     assert_same_adapter(tmp_path, plain_folder)
+
+
+def test_under_zero2_in_bf16_the_adapter_holds_zero_s_fp32_values_not_the_model_s_bf16_copy(tmp_path):
+    run_zero(str(tmp_path), "2", "1", "all", "bf16")
+    report = torch.load(tmp_path / "report.pt")
+    assert report["reading_needs_every_process"]  # the fp32 values lie in the partitions: every process saves
+    assert not report["forward_needs_every_process"]  # the model is whole: the main process validates alone
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    for name, fp32 in report["fp32_copies"].items():
+        assert fp32.dtype == torch.float32 and torch.equal(saved[name.removesuffix(".default")], fp32), name
+    assert any(
+        not torch.equal(report["fp32_copies"][name], model_values)
+        for name, model_values in report["model_values"].items()
+    ), "the model's bf16 copy differs: the test tells the two apart"
 
 
 # ZeRO-3's hooks add nodes to the autograd graph, which then sums the UNet's skip connections' gradients in another
@@ -85,7 +100,8 @@ def test_zero3_trains_the_plain_run_s_adapter_on_partitioned_weights(plain_run, 
     run_zero(str(tmp_path), "3", str(groups))
     zero = assert_plain_run_s_training(tmp_path, plain, exact=False)
     assert zero["held_whole"] == 0  # every parameter partitioned: the layers gathered what they computed with
-    assert zero["reading_needs_every_process"]  # so the scripts save and validate on every process
+    # so the training scripts save and validate on every process
+    assert zero["reading_needs_every_process"] and zero["forward_needs_every_process"]
     assert_same_adapter(tmp_path, plain_folder, atol=ZERO3_ATOL)
 
 

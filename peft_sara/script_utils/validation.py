@@ -137,14 +137,14 @@ def sampling_validator(
     unwrapped, and `prompt_inputs()` gives what replaces the prompt in its call. Models that ZeRO-3 partitions gather
     their weights in every forward, a collective: then every process samples the same images, and the main one saves
     and logs them."""
-    from ..sharding import reading_needs_every_process
+    from ..sharding import forward_needs_every_process
     from .models import weight_dtype_of
 
     def validate(step: int) -> None:
         if not settings.prompt:
             return
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-        if not accelerator.is_main_process and not any(map(reading_needs_every_process, unwrapped.values())):
+        if not accelerator.is_main_process and not any(map(forward_needs_every_process, unwrapped.values())):
             return
         for model in unwrapped.values():
             model.eval()

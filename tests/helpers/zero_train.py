@@ -2,10 +2,11 @@
 attach() under DeepSpeed ZeRO (stage 1, 2 or 3) in each of two gloo processes on CPU, which all see the same batches,
 so that their averaged gradients are the plain run's.
 
-    zero_train.py OUTPUT STAGE GROUPS [PHASE]
+    zero_train.py OUTPUT STAGE GROUPS [PHASE] [PRECISION]
 
 PHASE `all` (default) trains 4 steps and saves the adapter; `first` trains 2 and saves a DeepSpeed checkpoint with
 attach's state in its client state; `rest` resumes from that checkpoint, trains steps 3 and 4 and saves the adapter.
+PRECISION `bf16` has DeepSpeed cast the model to bf16 (its values too; it steps fp32 copies of them).
 """
 
 import os
@@ -18,7 +19,7 @@ from conftest import unet_inputs  # noqa: E402
 from fsdp2_train import sara_model  # noqa: E402
 
 from peft_sara import attach  # noqa: E402
-from peft_sara.sharding import reading_needs_every_process  # noqa: E402
+from peft_sara.sharding import forward_needs_every_process, reading_needs_every_process  # noqa: E402
 from peft_sara.zero import whole_shape  # noqa: E402
 
 STEPS = 4
@@ -26,8 +27,9 @@ STEPS = 4
 STAGE3 = {"stage3_param_persistence_threshold": 0}
 
 
-def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
+def train(output_dir: str, stage: int, groups: int, phase: str = "all", precision: str = "fp32") -> None:
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     model = sara_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -41,6 +43,7 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": stage, **(STAGE3 if stage == 3 else {})},
         "steps_per_print": 1_000_000,
+        "bf16": {"enabled": precision == "bf16"},
     }
     engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     training = attach(engine, zero)
@@ -55,7 +58,10 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
     unet = model.base_model.model
     losses = []
     for step in steps:
-        loss = engine(**unet_inputs(unet, seed=step)).sample.square().mean()
+        inputs = unet_inputs(unet, seed=step)
+        if precision == "bf16":
+            inputs = {key: value.bfloat16() if value.is_floating_point() else value for key, value in inputs.items()}
+        loss = engine(**inputs).sample.float().square().mean()
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach().item())
@@ -64,6 +70,10 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
         return
     main_process = torch.distributed.get_rank() == 0
     model.save_pretrained(output_dir, is_main_process=main_process)
+    # ZeRO's fp32 copies of the values (a collective: every process reads them) and, where whole, the model's own
+    values = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    fp32_copies = {name: safe_get_full_fp32_param(param).cpu() for name, param in values.items()}
+    model_values = {name: param.detach().float().cpu() for name, param in values.items() if stage < 3}
     if main_process:
         # between steps ZeRO-3 holds no parameter whole (in this process: none of its entries)
         held_whole = [p.numel() == whole_shape(p).numel() for p in model.parameters()]
@@ -73,6 +83,9 @@ def train(output_dir: str, stage: int, groups: int, phase: str = "all") -> None:
             "training": training.state_dict(),
             "held_whole": sum(held_whole) / len(held_whole),
             "reading_needs_every_process": reading_needs_every_process(model),
+            "forward_needs_every_process": forward_needs_every_process(model),
+            "fp32_copies": fp32_copies,
+            "model_values": model_values,
         }
         torch.save(report, os.path.join(output_dir, "report.pt"))
 
@@ -81,4 +94,5 @@ if __name__ == "__main__":
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    train(sys.argv[1], stage=int(sys.argv[2]), groups=int(sys.argv[3]), phase=(sys.argv[4:] or ["all"])[0])
+    phase, precision = (sys.argv[4:] + ["all", "fp32"][len(sys.argv[4:]) :])[:2]
+    train(sys.argv[1], stage=int(sys.argv[2]), groups=int(sys.argv[3]), phase=phase, precision=precision)
