@@ -281,7 +281,7 @@ def main(argv=None) -> None:
                 "deepspeed": deepspeed.__version__,
                 "python": platform.python_version(),
             },
-            "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+            "machine": torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores",
             "engines": rows,
             "processes": per_engine,
         }

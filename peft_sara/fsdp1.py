@@ -58,8 +58,12 @@ class Fsdp1Shards:
                     else None
                 )
 
-    def covers(self, param: torch.Tensor) -> bool:
-        return id(param) in self._unit
+    def _part_of(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """Where this process's part of `param` lies (first whole-tensor position, how many); the whole of a
+        parameter outside every unit; None when it holds none."""
+        if id(param) not in self._unit:
+            return 0, param.numel()
+        return self._part[id(param)]
 
     @contextlib.contextmanager
     def whole(self, param: torch.Tensor) -> Iterator[None]:
@@ -67,12 +71,16 @@ class Fsdp1Shards:
         parameter); what is written into its parameters there is dropped."""
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        with FullyShardedDataParallel.summon_full_params(self._unit[id(param)], recurse=False, writeback=False):
+        unit = self._unit.get(id(param))
+        if unit is None:  # outside every unit: whole already
+            yield
+            return
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
             yield
 
     def local_positions(self, positions: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         """The whole-tensor `positions` that this process holds, as positions in its part of `param`."""
-        part = self._part[id(param)]
+        part = self._part_of(param)
         if part is None:
             return positions[:0]
         start, count = part
@@ -81,7 +89,7 @@ class Fsdp1Shards:
     @torch.no_grad()
     def add_to_gradient(self, param: torch.Tensor, addition: torch.Tensor) -> None:
         """Add a whole-tensor `addition` to this process's part of `param`'s gradient."""
-        part = self._part[id(param)]
+        part = self._part_of(param)
         if part is None:
             return
         start, count = part
@@ -92,10 +100,9 @@ class Fsdp1Shards:
             param.grad.add_(piece)
 
 
-def wrapped_layer_problem(models: Iterable[nn.Module], layer_type: type) -> str | None:
-    """Why SaRA cannot train these models under FSDP1: a SaRA layer that is a unit of its own, or holds one (its
-    base layer wrapped apart)."""
-    units = fsdp1_units(models)
+def wrapped_layer_problem(models: Iterable[nn.Module], units: list[nn.Module], layer_type: type) -> str | None:
+    """Why SaRA cannot train these models under their FSDP1 `units`: a SaRA layer that is a unit of its own, or
+    holds one (its base layer wrapped apart)."""
     unit_types = tuple({type(unit) for unit in units})
     if any(isinstance(unit.module, layer_type) for unit in units):
         return FSDP1_WRAPPED_LAYER_REFUSAL

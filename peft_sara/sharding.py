@@ -1,8 +1,8 @@
 """Tensors that a sharding engine splits across processes (FSDP2's `fully_shard` makes every parameter a DTensor
 sharded along its first dimension): what SaRA's training logic needs of them, whole or as this process's shard; and
 the engines SaRA does not train under yet, recognised so that they are refused instead of training wrong values.
-(DeepSpeed ZeRO, which steps fp32 copies of the values, has its own module, `zero`; `full_tensor` also gathers a
-ZeRO-3 partitioned parameter.)
+(DeepSpeed ZeRO, which steps fp32 copies of the values, has its own module, `zero`, and so has FSDP1, `fsdp1`;
+`full_tensor` also gathers a parameter ZeRO partitions.)
 
 `full_tensor` is a collective: every process must call it for the same tensors in the same order, which SaRA's step
 hooks do (their decisions depend only on the step count, the seed and the parameters). The other helpers take no

@@ -5,7 +5,8 @@ Both act inside `optimizer.step()` through the optimizer's step hooks, so a trai
 skipped for inf/NaN gradients, also inside a fused optimizer) do nothing. Decisions depend only on the step count,
 the seed and the (identical) parameters, so every process of a distributed run takes the same ones, and a resumed run
 takes them again. Under DeepSpeed ZeRO the hooks sit on the torch optimizer that ZeRO steps on its fp32 partitions,
-once per parameter group, and act on those partitions (`zero.ZeroPartitions`).
+once per parameter group, and act on those partitions (`zero.ZeroPartitions`); under FSDP1 they act on each
+process's part of its flat parameters (`fsdp1.Fsdp1Shards`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class SaRATraining:
         if refusal is not None:
             raise ValueError(refusal)
         units = fsdp1_units(models)
-        problem = wrapped_layer_problem(models, SaRALayer) if units else None
+        problem = wrapped_layer_problem(models, units, SaRALayer) if units else None
         if problem is not None:
             raise ValueError(problem)
         self.fsdp1 = Fsdp1Shards(units) if units else None  # FSDP1: each process holds part of each parameter
@@ -238,8 +239,9 @@ class SaRATraining:
         if grad_scale is not None:
             subgradient.mul_(grad_scale.to(subgradient.device))
         values = update.values
-        if self.zero is not None or self.fsdp1 is not None:  # into this process's part of the gradient
-            (self.zero or self.fsdp1).add_to_gradient(values, subgradient)
+        shards = self.zero if self.zero is not None else self.fsdp1
+        if shards is not None:  # into this process's part of the gradient
+            shards.add_to_gradient(values, subgradient)
             return weight * nuclear_norm
         subgradient = like(subgradient.to(values.dtype), values)
         values.grad = subgradient if values.grad is None else values.grad.add_(subgradient)
@@ -269,14 +271,14 @@ class SaRATraining:
         """Keep `positions` of the update at their current values for good, and give them no gradient."""
         values = update.values
         positions = positions.to(values.device)
-        held = local_positions(positions, values)  # the positions this process holds, where the values are sharded
+        # the positions this process holds, where the values are sharded
+        held = (self.fsdp1.local_positions if self.fsdp1 is not None else local_positions)(positions, values)
         if self.zero is not None:  # ZeRO steps fp32 copies: keep theirs, written back into them after each step
             frozen_values = self.zero.full_values(values).index_select(0, positions)
             handle = values.register_hook(lambda grad: grad.index_fill(0, positions, 0))
             self._frozen[update.key] = (positions, positions, frozen_values, handle)
             return
         if self.fsdp1 is not None:
-            held = self.fsdp1.local_positions(positions, values)
             handle = update.layer.freeze_gradient(update.adapter, positions)  # hooks on FSDP1's views never run
         elif is_sharded(values):
             # FSDP2 reduce-scatters into the sharded values' .grad outside autograd's view of them: a tensor hook
@@ -316,11 +318,11 @@ class SaRATraining:
 def attach(model: nn.Module | Sequence[nn.Module], optimizer: Any) -> SaRATraining:
     """Make `optimizer.step()` apply SaRA's regulariser and progressive step to the model's trainable SaRA adapters.
 
-    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate or
-    sharded by FSDP2's `fully_shard`, or a DeepSpeed ZeRO engine (stage 1, 2 or 3), or a list of such models trained
-    by the same optimizer (a UNet and its text encoder); `optimizer` a torch optimizer, one wrapped by accelerate, or
-    the ZeRO optimizer `deepspeed.initialize` returns around a torch optimizer (see `zero`). DeepSpeed without ZeRO
-    and FSDP1 are refused (see `sharding.unsupported_engine`).
+    `model` may be a PeftModel, a diffusers model with an added adapter, or either wrapped by DDP/accelerate,
+    sharded by FSDP2's `fully_shard` or by FSDP1 with `use_orig_params=True` (see `fsdp1`), or a DeepSpeed ZeRO
+    engine (stage 1, 2 or 3), or a list of such models trained by the same optimizer (a UNet and its text encoder);
+    `optimizer` a torch optimizer, one wrapped by accelerate, or the ZeRO optimizer `deepspeed.initialize` returns
+    around a torch optimizer (see `zero`). DeepSpeed without ZeRO is refused (see `sharding.unsupported_engine`).
     """
     return SaRATraining(model, optimizer)
 

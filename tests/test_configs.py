@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,27 @@ def test_every_shipped_accelerate_config_launches_an_engine_the_scripts_run_unde
     for path in sorted((CONFIGS / "accelerate").glob("*.yaml")):
         config = load_config_from_file(str(path))
         deepspeed = config.deepspeed_config or {}
+        if "deepspeed_config_file" in deepspeed:  # a DeepSpeed config of its own, by its path from the repository root
+            deepspeed = deepspeed_file_settings(CONFIGS.parent / deepspeed["deepspeed_config_file"])
         offload = any(deepspeed.get(f"offload_{part}_device", "none") != "none" for part in ("optimizer", "param"))
         refusal = unsupported_launch(config.distributed_type, deepspeed.get("zero_stage"), offload)
         assert refusal is None, path.name
         if config.distributed_type == "DEEPSPEED":  # DeepSpeed clips in place of the scripts' --max_grad_norm
             assert deepspeed["gradient_clipping"] == 1.0, "the scripts' default --max_grad_norm"
+
+
+def deepspeed_file_settings(path: Path) -> dict:
+    """A DeepSpeed JSON config's settings under the names accelerate's own DeepSpeed config gives them."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    zero = config["zero_optimization"]
+    return {
+        "zero_stage": zero["stage"],
+        "gradient_clipping": config["gradient_clipping"],
+        **{
+            f"offload_{part}_device": zero.get(f"offload_{part}", {}).get("device", "none")
+            for part in ("optimizer", "param")
+        },
+    }
 
 
 def test_every_preset_names_a_known_script():

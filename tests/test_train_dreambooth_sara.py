@@ -454,7 +454,8 @@ def launch_under_deepspeed(script_args: list[str], stage: int) -> str:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1"]
     command += ["--mixed_precision", "no", SCRIPT, *script_args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    # from the repository root, as the configs' paths are written
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result.stdout + result.stderr
 
@@ -520,7 +521,12 @@ def test_on_two_processes_under_deepspeed_zero3_the_script_gathers_to_save_and_v
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
     # a save or a validation on the main process alone would wait for the other forever
     result = subprocess.run(
-        command + common + ["--output_dir", str(zero)], env=env, capture_output=True, text=True, timeout=300
+        command + common + ["--output_dir", str(zero)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
