@@ -182,6 +182,23 @@ def fake_hub_repo(monkeypatch, cache_dir, repo_id: str, folder) -> None:
 
 
 @pytest.fixture(scope="session")
+def plain_sharding_run(tmp_path_factory):
+    """tests/helpers/fsdp2_train.py's run in this process, not sharded: what the engines' two-process runs of the same
+    model, steps and batches are compared with. At one thread, as each of those processes runs (two_process_env), so
+    that the kernels sum alike. Returns its output folder and report."""
+    from helpers.fsdp2_train import train
+
+    folder = tmp_path_factory.mktemp("plain")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = train(str(folder), sharded=False)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, report
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny Stable Diffusion pipeline saved by diffusers: what --pretrained_model_name_or_path loads."""
     folder = tmp_path_factory.mktemp("tiny-sd")

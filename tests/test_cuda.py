@@ -4,11 +4,19 @@ run. Skipped without a GPU; `make test-gpu` runs them."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_script, tiny_unet, unet_inputs, write_images
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 
 import peft_sara
@@ -20,6 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 DEVICE = "cuda"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_values_grad(layer, x: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -143,6 +152,48 @@ def test_a_dreambooth_run_on_the_gpu(tiny_pipeline_dir, tmp_path):
     assert (output / "unet" / "adapter_model.safetensors").is_file()
     assert (output / "validation" / "final-0.png").is_file()
     assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed")
+def test_the_dreambooth_script_under_accelerates_deepspeed_zero3_in_bf16_on_the_gpu(tiny_pipeline_dir, tmp_path):
+    """The shipped ZeRO-3 config with DeepSpeed's bf16 (it casts the model, values included): the adapter is saved
+    from ZeRO's fp32 copy, validation samples during training, and a resumed run finishes."""
+    write_images(tmp_path / "dog", 4, seed=0)
+    config = REPO_ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"
+    script = REPO_ROOT / "scripts" / "train_dreambooth_sara.py"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    command += ["--num_processes", "1", "--mixed_precision", "bf16", str(script)]
+    command += [
+        "--pretrained_model_name_or_path", str(tiny_pipeline_dir),
+        "--instance_data_dir", str(tmp_path / "dog"), "--instance_prompt", "a photo of sks dog",
+        "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--threshold", "0.02", "--report_to", "none", "--seed", "0", "--validation_prompt", "a photo of sks dog",
+        "--validation_steps", "2", "--num_validation_images", "1", "--num_inference_steps", "2",
+    ]  # fmt: skip
+    for run in ("straight", "resumed"):
+        output = tmp_path / run
+        if run == "resumed":
+            output.mkdir()
+            shutil.copytree(tmp_path / "straight" / "checkpoint-2", output / "checkpoint-2")
+        extra = ["--output_dir", str(output)] + (["--resume_from_checkpoint", "latest"] if run == "resumed" else [])
+        result = subprocess.run(command + extra, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        adapter = load_file(output / "unet" / "adapter_model.safetensors")
+        values = [tensor for key, tensor in adapter.items() if key.endswith("sara_values")]
+        assert values and all(tensor.dtype == torch.float32 for tensor in values)
+        assert any((tensor != tensor.bfloat16().float()).any() for tensor in values), "ZeRO's fp32 values, not bf16"
+    assert (tmp_path / "straight" / "validation" / "step-2-0.png").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed")
+def test_the_engine_memory_benchmark_reports_cuda_memory(tmp_path):
+    output = tmp_path / "engines.json"
+    command = [sys.executable, "-m", "benchmarks.engine_memory", "--model", "small", "--processes", "1"]
+    command += ["--engines", "ddp,zero3,fsdp2", "--device", "cuda", "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(output.read_text())["engines"]
+    assert all(0 < row["held_bytes"] <= row["peak_bytes"] for row in rows.values())
 
 
 def test_a_fused_optimizer_under_a_scaler_trains_as_with_unscaled_gradients():

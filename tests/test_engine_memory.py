@@ -38,6 +38,7 @@ def test_each_engine_is_its_largest_process_against_ddp():
     assert "| zero3 | 2.00 GiB | 3.00 GiB | 0.50 | 0.38 |" in markdown_table(rows)
 
 
+@pytest.mark.slow  # four launches of two processes: make test-all
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (make test installs it)")
 def test_ddp_and_zero3_train_the_same_steps_on_two_processes(tmp_path):
     output = tmp_path / "engines.json"

@@ -10,10 +10,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import free_port, two_process_env
-from helpers.fsdp2_train import train as plain_train
 from safetensors.torch import load_file
 
 from peft_sara.fsdp1 import FSDP1_WRAPPED_LAYER_REFUSAL
@@ -29,18 +27,6 @@ def run_fsdp1(mode: str, folder) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("plain")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each FSDP1 process (two_process_env), so that the kernels sum alike
-    try:
-        report = plain_train(str(folder), sharded=False)
-    finally:
-        torch.set_num_threads(threads)
-    return folder, report
-
-
 def assert_same_adapter(folder, expected_folder):
     expected = load_file(expected_folder / "adapter_model.safetensors")
     actual = load_file(folder / "adapter_model.safetensors")
@@ -48,8 +34,8 @@ def assert_same_adapter(folder, expected_folder):
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
 
 
-def test_fsdp1_trains_and_saves_the_plain_run_s_adapter_bit_for_bit(plain_run, tmp_path):
-    plain_folder, plain = plain_run
+def test_fsdp1_trains_and_saves_the_plain_run_s_adapter_bit_for_bit(plain_sharding_run, tmp_path):
+    plain_folder, plain = plain_sharding_run
     run_fsdp1("all", tmp_path)
     sharded = torch.load(tmp_path / "all" / "report.pt")
     assert sharded["losses"] == plain["losses"]
@@ -63,8 +49,8 @@ def test_fsdp1_trains_and_saves_the_plain_run_s_adapter_bit_for_bit(plain_run, t
     assert sharded["parts_refusal"] is not None and sharded["parts_refusal"].startswith(INCOMPLETE_STATE_REFUSAL)
 
 
-def test_fsdp1_resumes_from_a_distributed_checkpoint_to_the_plain_run_s_adapter(plain_run, tmp_path):
-    plain_folder, _ = plain_run
+def test_fsdp1_resumes_from_a_distributed_checkpoint_to_the_plain_run_s_adapter(plain_sharding_run, tmp_path):
+    plain_folder, _ = plain_sharding_run
     run_fsdp1("straight", tmp_path)
     run_fsdp1("resume", tmp_path)  # new processes: steps 3-4 after the progressive step, from the checkpoint
     assert_same_adapter(tmp_path / "resume", plain_folder)

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 from conftest import free_port, tiny_unet, two_process_env, unet_inputs
-from helpers.fsdp2_train import train
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -127,13 +126,8 @@ def test_plain_tensors_pass_through():
     assert local_positions(positions, tensor) is positions
 
 
-def test_fsdp2_trains_and_saves_what_a_plain_run_does(tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each process of the sharded run (two_process_env), so that reductions agree
-    try:
-        plain = train(str(tmp_path / "plain"), sharded=False)
-    finally:
-        torch.set_num_threads(threads)
+def test_fsdp2_trains_and_saves_what_a_plain_run_does(plain_sharding_run, tmp_path):
+    plain_folder, plain = plain_sharding_run
     run_on_two_processes(HELPER, str(tmp_path / "sharded"))
     sharded = torch.load(tmp_path / "sharded" / "report.pt")
     assert plain["frozen_fraction"] > 0 and sharded["frozen_fraction"] == plain["frozen_fraction"]
@@ -143,8 +137,8 @@ def test_fsdp2_trains_and_saves_what_a_plain_run_does(tmp_path):
     # to float rounding: clipping's gradient norm is summed over the shards in another order
     torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(plain["losses"]), rtol=1e-6, atol=0)
     outputs = []
-    for folder in ("plain", "sharded"):
-        model = PeftModel.from_pretrained(tiny_unet(), str(tmp_path / folder))
+    for folder in (plain_folder, tmp_path / "sharded"):
+        model = PeftModel.from_pretrained(tiny_unet(), str(folder))
         with torch.no_grad():
             outputs.append(model(**unet_inputs(model.base_model.model, seed=9)).sample)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)

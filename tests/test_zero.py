@@ -14,7 +14,6 @@ import sys
 import pytest
 import torch
 from conftest import free_port, two_process_env
-from helpers.fsdp2_train import train as plain_train
 from safetensors.torch import load_file
 
 # installed by `make test` (the deepspeed extra); not imported here, only in the worker processes
@@ -29,18 +28,6 @@ def run_zero(*args: str) -> None:
     env = {**two_process_env(), "DS_ACCELERATOR": "cpu"}
     result = subprocess.run([*command, HELPER, *args], capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def plain_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("plain")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each DeepSpeed process (two_process_env), so that the kernels sum alike
-    try:
-        report = plain_train(str(folder), sharded=False)
-    finally:
-        torch.set_num_threads(threads)
-    return folder, report
 
 
 def assert_same_adapter(folder, expected_folder, atol=0.0):
@@ -65,8 +52,8 @@ def assert_plain_run_s_training(folder, plain, exact=True):
 
 
 @pytest.mark.parametrize("stage,groups", [(1, 1), (2, 1), (2, 2)], ids=["zero1", "zero2", "zero2-two-groups"])
-def test_zero_trains_the_plain_run_s_adapter_bit_for_bit(plain_run, tmp_path, stage, groups):
-    plain_folder, plain = plain_run
+def test_zero_trains_the_plain_run_s_adapter_bit_for_bit(plain_sharding_run, tmp_path, stage, groups):
+    plain_folder, plain = plain_sharding_run
     run_zero(str(tmp_path), str(stage), str(groups))
     zero = assert_plain_run_s_training(tmp_path, plain)
     # the values are whole: the training scripts save and validate on the main process alone
@@ -95,8 +82,8 @@ ZERO3_ATOL = 2e-5
 
 
 @pytest.mark.parametrize("groups", [1, 2], ids=["one-group", "two-groups"])
-def test_zero3_trains_the_plain_run_s_adapter_on_partitioned_weights(plain_run, tmp_path, groups):
-    plain_folder, plain = plain_run
+def test_zero3_trains_the_plain_run_s_adapter_on_partitioned_weights(plain_sharding_run, tmp_path, groups):
+    plain_folder, plain = plain_sharding_run
     run_zero(str(tmp_path), "3", str(groups))
     zero = assert_plain_run_s_training(tmp_path, plain, exact=False)
     assert zero["held_whole"] == 0  # every parameter partitioned: the layers gathered what they computed with
@@ -106,10 +93,10 @@ def test_zero3_trains_the_plain_run_s_adapter_on_partitioned_weights(plain_run, 
 
 
 @pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
-def test_a_deepspeed_checkpoint_resumes_to_the_straight_run_s_adapter(plain_run, tmp_path, stage):
+def test_a_deepspeed_checkpoint_resumes_to_the_straight_run_s_adapter(plain_sharding_run, tmp_path, stage):
     """Steps 1-2, engine.save_checkpoint with attach's state_dict in its client state, new processes, load_checkpoint
     and load_state_dict, steps 3-4 (after the progressive step, whose frozen set must come back)."""
-    plain_folder, _ = plain_run
+    plain_folder, _ = plain_sharding_run
     if stage == 3:
         run_zero(str(tmp_path / "straight"), "3", "1")
         plain_folder = tmp_path / "straight"  # ZeRO-3's own straight run: the resumed one is that bit for bit
