@@ -519,18 +519,21 @@ def test_on_two_processes_under_deepspeed_zero3_the_script_gathers_to_save_and_v
     command += ["--mixed_precision", "no", "--main_process_port", free_port()]
     command += [os.path.join(REPO_ROOT, "tests", "helpers", "accelerate_cpu_world.py"), SCRIPT]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    # a save or a validation on the main process alone would wait for the other forever
-    result = subprocess.run(
-        command + common + ["--output_dir", str(zero)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO_ROOT,
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-4000:]
-    assert "Num processes = 2" in log
+
+    def launch_zero3(output_dir, *extra: str) -> str:
+        # a save or a validation on the main process alone would wait for the other forever
+        result = subprocess.run(
+            command + common + ["--output_dir", str(output_dir), *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO_ROOT,
+        )
+        assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+        return result.stdout + result.stderr
+
+    assert "Num processes = 2" in launch_zero3(zero)
     ranks = sorted(path.name for path in (zero / "checkpoint-2" / "pytorch_model").glob("*model_states.pt"))
     assert ranks == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
     images = sorted(path.name for path in (zero / "validation").iterdir())
@@ -540,3 +543,10 @@ def test_on_two_processes_under_deepspeed_zero3_the_script_gathers_to_save_and_v
         expected = load_file(ddp / run.relative_to(zero) / "unet" / "adapter_model.safetensors")
         assert actual.keys() == expected.keys()
         assert all(torch.allclose(actual[key], expected[key], rtol=0, atol=ZERO3_ATOL) for key in expected), run.name
+    resumed = tmp_path / "resumed"  # after the progressive step, from both processes' partitions
+    resumed.mkdir()
+    shutil.copytree(zero / "checkpoint-1", resumed / "checkpoint-1")
+    launch_zero3(resumed, "--resume_from_checkpoint", "latest")
+    straight = load_file(zero / "unet" / "adapter_model.safetensors")
+    actual = load_file(resumed / "unet" / "adapter_model.safetensors")
+    assert actual.keys() == straight.keys() and all(torch.equal(actual[key], straight[key]) for key in straight)
