@@ -19,10 +19,9 @@ from typing import Any, Protocol
 
 import torch
 
-from ..sharding import reading_needs_every_process
 from ..training import SaRATraining
 from .cli import UserInputError, get_logger
-from .output import save_adapters
+from .output import save_adapters, takes_every_process
 
 logger = get_logger(__name__)
 
@@ -174,8 +173,7 @@ def register_checkpointing(
 
     def save_hook(hook_models, weights, output_dir):
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-        # reading a ZeRO-3 partitioned adapter takes every process; the main one writes
-        if accelerator.is_main_process or any(map(reading_needs_every_process, unwrapped.values())):
+        if accelerator.is_main_process or takes_every_process(unwrapped):  # the main process writes
             save_adapters(output_dir, unwrapped, write=accelerator.is_main_process)
         if accelerator.is_main_process:
             save_training_state(training, Path(output_dir) / TRAINING_STATE_NAME)

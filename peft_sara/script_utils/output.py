@@ -78,8 +78,8 @@ def save_adapters(
     The keys carry PEFT's `base_model.model.` prefix, as `PeftModel.save_pretrained` writes them, so the folder loads
     with `PeftModel.from_pretrained` as well as into a plain diffusers or transformers model. Nothing is written when
     a value is not finite (also after the cast to `dtype`, the values' precision on disk: they load back as fp32).
-    Each folder is written beside its final name and then renamed into place. Where the adapters are sharded
-    (ZeRO-3), every process calls this to gather them, and only the one with `write` writes.
+    Each folder is written beside its final name and then renamed into place. Where reading the adapters is a
+    collective (`takes_every_process`), every process calls this, and only the one with `write` writes.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -127,12 +127,18 @@ def save_adapters(
         shutil.rmtree(doomed, ignore_errors=True)
 
 
+def takes_every_process(components: dict[str, torch.nn.Module]) -> bool:
+    """Whether reading these (unwrapped) models' adapters is a collective: values ZeRO-3 partitions, ZeRO's fp32
+    copies of half-precision values, FSDP2 shards. Then every process calls `save_adapters`."""
+    return any(map(reading_needs_every_process, components.values()))
+
+
 def save_final_adapters(accelerator, args, models: dict[str, torch.nn.Module], new_tokens=None) -> None:
     """The end of a run (every process calls it; the main one writes): the prepared `models`' adapters as PEFT
     folders in --output_dir, in --save_precision, naming the base model; with pivotal tuning also `new_tokens`'
     embeddings (`<output folder name>_emb.safetensors`)."""
     unwrapped = {name: accelerator.unwrap_model(model) for name, model in models.items()}
-    if not accelerator.is_main_process and not any(map(reading_needs_every_process, unwrapped.values())):
+    if not accelerator.is_main_process and not takes_every_process(unwrapped):
         return  # nothing to gather: the main process reads its own copy
     save_adapters(
         args.output_dir,

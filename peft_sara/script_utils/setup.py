@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..sharding import unsupported_launch
-from .cli import UserInputError
+from .cli import UserInputError, get_logger
 from .models import make_optimizer
 
 
@@ -70,7 +70,7 @@ def _load_models_whole(accelerator) -> None:
     from transformers.integrations import unset_hf_deepspeed_config
 
     if plugin.zero3_init_flag:
-        logging.getLogger(__name__).warning(
+        get_logger(__name__).warning(
             "zero3_init_flag is ignored: the scripts load the frozen models whole (a text encoder partitioned at "
             "load would encode nothing) and ZeRO-3 partitions the denoiser when it is prepared."
         )
