@@ -25,9 +25,9 @@ SPARSE_UPDATES = (
 )
 FSDP1_WRAPPER_PREFIX = "_fsdp_wrapped_module."
 INCOMPLETE_STATE_REFUSAL = (
-    "The state dict holds only part of the SaRA adapter (a shard of an engine's): under FSDP1, gather FSDP1's full "
-    "state dict on every process and pass it: with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, "
-    "FullStateDictConfig(rank0_only=False)): state = model.state_dict(), then peft_model.save_pretrained(folder, "
+    "The state dict holds only part of the SaRA adapter (a shard of an engine's): under FSDP1, gather the full state "
+    "dict on every process and pass it: state = torch.distributed.checkpoint.state_dict.get_model_state_dict("
+    "wrapped_model, options=StateDictOptions(full_state_dict=True)), then peft_model.save_pretrained(folder, "
     "state_dict=state, is_main_process=rank == 0)"
 )
 # Saved with each layer's update: the shape of the tensor it updates, so that an adapter describes itself and cannot

@@ -115,3 +115,14 @@ def test_deepspeed_runs_train_the_denoiser_alone_clipped_as_deepspeed_clips():
     for arguments, message in cases:
         with pytest.raises(UserInputError, match=message):
             check_deepspeed_run(*arguments)
+
+
+def test_a_deepspeed_config_file_missing_from_where_the_run_starts_is_one_line(tmp_path, monkeypatch):
+    """accelerate reads the launch's deepspeed_config_file when the Accelerator is made, relative to where the run
+    starts: configs/accelerate/deepspeed_zero3.yaml names configs/deepspeed/zero3.json."""
+    from peft_sara.script_utils.cli import UserInputError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/zero3.json")
+    with pytest.raises(UserInputError, match="configs/deepspeed/zero3.json does not exist from .*absolute path"):
+        make_accelerator(str(tmp_path), "logs", 1, "no", "none", seed=0)

@@ -448,8 +448,8 @@ def test_the_text_encoder_adapter_trains_for_its_share_of_the_run(dreambooth_arg
 
 
 def launch_under_deepspeed(script_args: list[str], stage: int) -> str:
-    """`accelerate launch` with the shipped ZeRO-`stage` config on one CPU process (accelerate gives each CPU rank a
-    world of its own under DeepSpeed, so one process is what runs here; DeepSpeed's CPU accelerator over gloo)."""
+    """`accelerate launch` with the shipped ZeRO-`stage` config on one CPU process (DeepSpeed's CPU accelerator over
+    gloo)."""
     config = os.path.join(REPO_ROOT, "configs", "accelerate", f"deepspeed_zero{stage}.yaml")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "1"]
     command += ["--mixed_precision", "no", SCRIPT, *script_args]
@@ -517,7 +517,7 @@ def test_on_two_processes_under_deepspeed_zero3_the_script_gathers_to_save_and_v
     config = os.path.join(REPO_ROOT, "configs", "accelerate", "deepspeed_zero3.yaml")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
     command += ["--mixed_precision", "no", "--main_process_port", free_port()]
-    command += [os.path.join(REPO_ROOT, "tests", "helpers", "accelerate_cpu_world.py"), SCRIPT]
+    command += [SCRIPT]  # on CPU processes the script names gloo for accelerate, which would give each a world of 1
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
 
     def launch_zero3(output_dir, *extra: str) -> str:

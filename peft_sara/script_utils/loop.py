@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..training import SaRATraining
+from ..zero import whole_shape
 from .checkpoints import load_checkpoint, save_checkpoint
 from .cli import UserInputError, get_logger
 
@@ -122,7 +123,7 @@ def train(
     """Train to `settings.max_train_steps`, from `checkpoint` when given; returns the step reached."""
     from tqdm.auto import tqdm
 
-    num_trainable = sum(param.numel() for param in params)
+    num_trainable = sum(whole_shape(param).numel() for param in params)  # also where ZeRO-3 partitions them
     lr = optimizer.param_groups[0]["lr"]
     log_run_start(len(dataloader.dataset), accelerator.num_processes, settings, num_trainable, lr)
     global_step = 0

@@ -29,6 +29,8 @@ def make_accelerator(
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
+    _check_deepspeed_config_file()
+    _name_cpu_backend_for_deepspeed()
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision,
@@ -47,6 +49,30 @@ def make_accelerator(
     if allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
+
+
+def _check_deepspeed_config_file() -> None:
+    """The DeepSpeed config file a launch names (accelerate config's deepspeed_config_file), checked before accelerate
+    reads it: a relative path is taken from the folder the run starts in."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path.endswith(".json") and not os.path.isfile(path):
+        raise UserInputError(
+            f"The DeepSpeed config file {path} does not exist from {os.getcwd()}: launch from the folder its path is "
+            "relative to (the repository root for configs/accelerate/deepspeed_zero3.yaml), or pass accelerate "
+            "launch --deepspeed_config_file with its absolute path."
+        )
+
+
+def _name_cpu_backend_for_deepspeed() -> None:
+    """On a machine without an accelerator, accelerate starts DeepSpeed's processes without a backend of its own, and
+    each then takes itself for the only one (the main process of a world of 1) while DeepSpeed's engine spans them
+    all: every process would save as the main one. Naming gloo before the Accelerator exists gives each its real rank
+    and world, as on GPUs."""
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and "LOCAL_RANK" in os.environ
+    if launched and torch.accelerator.current_accelerator() is None:
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
 
 
 def _zero_stage_and_offload(accelerator) -> tuple[int | None, bool]:

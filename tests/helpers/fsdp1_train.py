@@ -7,7 +7,7 @@ plain run's.
 
 MODE `all` trains 4 steps; `straight` does the same and saves a checkpoint after 2 (model and optimizer through
 torch.distributed.checkpoint, attach's state with torch.save); `resume` starts from that checkpoint and trains the
-last 2. Each writes the adapter (from FSDP1's full state dict, gathered on every process; the first writes) and, on
+last 2. Each writes the adapter (from the full state dict, gathered on every process; the first writes) and, on
 the first process, a report.
 """
 
@@ -16,8 +16,13 @@ import sys
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import unet_inputs  # noqa: E402
@@ -72,11 +77,8 @@ def main(mode: str, output_dir: str) -> None:
             if torch.distributed.get_rank() == 0:
                 torch.save(training.state_dict(), os.path.join(checkpoint, "sara_training.pt"))
     main_process = torch.distributed.get_rank() == 0
-    # the whole model's state, gathered by FSDP1 on every process; the adapter is its SaRA part
-    with FullyShardedDataParallel.state_dict_type(
-        wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)
-    ):
-        state = wrapped.state_dict()
+    # the whole model's state, gathered on every process (README: FSDP1); the adapter is its SaRA part
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
     model.save_pretrained(os.path.join(output_dir, mode), state_dict=state, is_main_process=main_process)
     try:  # the model's own state dict holds each process's part of the values
         model.save_pretrained(os.path.join(output_dir, "parts"), is_main_process=False)
