@@ -51,7 +51,12 @@ def assert_plain_run_s_training(folder, plain, exact=True):
     return zero
 
 
-@pytest.mark.parametrize("stage,groups", [(1, 1), (2, 1), (2, 2)], ids=["zero1", "zero2", "zero2-two-groups"])
+# ZeRO-1 steps as ZeRO-2 does (the same optimizer class): make test-all runs it
+@pytest.mark.parametrize(
+    "stage,groups",
+    [pytest.param(1, 1, marks=pytest.mark.slow), (2, 1), (2, 2)],
+    ids=["zero1", "zero2", "zero2-two-groups"],
+)
 def test_zero_trains_the_plain_run_s_adapter_bit_for_bit(plain_sharding_run, tmp_path, stage, groups):
     plain_folder, plain = plain_sharding_run
     run_zero(str(tmp_path), str(stage), str(groups))
@@ -92,7 +97,8 @@ def test_zero3_trains_the_plain_run_s_adapter_on_partitioned_weights(plain_shard
     assert_same_adapter(tmp_path, plain_folder, atol=ZERO3_ATOL)
 
 
-@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+# ZeRO-2's resume is also the DreamBooth script's under accelerate (test_train_dreambooth_sara): make test-all runs it
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3], ids=["zero2", "zero3"])
 def test_a_deepspeed_checkpoint_resumes_to_the_straight_run_s_adapter(plain_sharding_run, tmp_path, stage):
     """Steps 1-2, engine.save_checkpoint with attach's state_dict in its client state, new processes, load_checkpoint
     and load_state_dict, steps 3-4 (after the progressive step, whose frozen set must come back)."""
