@@ -1,5 +1,6 @@
 """Memory per process of SaRA under each engine it trains with, side by side in one run: DDP (every process holds
-the whole model), DeepSpeed ZeRO-2 and ZeRO-3, and FSDP2 (`fully_shard` on every block and the root).
+the whole model), DeepSpeed ZeRO-2 and ZeRO-3, and FSDP2 (`fully_shard` on every block, or with `--fsdp2-units
+layers` on each of their layers, and on the root).
 
 Each engine trains the same SaRA UNet (the paper's regulariser on, AdamW, clipping at 1.0) for a few steps on N
 processes (`torch.distributed.run`; gloo with DeepSpeed's CPU accelerator on a CPU, NCCL on GPUs), every process on
@@ -56,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="ZeRO-3's stage3_max_live_parameters, stage3_max_reuse_distance and stage3_prefetch_bucket_size (how "
         "many gathered parameters it keeps and prefetches; DeepSpeed's defaults: 1e9, 1e9, 5e7).",
     )
+    parser.add_argument(
+        "--fsdp2-units",
+        default="blocks",
+        choices=("blocks", "layers"),
+        help="What FSDP2 shards as one unit besides the root: the UNet's down, mid and up blocks, or each of their "
+        "resnets, attention transformers and samplers.",
+    )
     parser.add_argument("--output", help="Write the results as JSON to this file.")
     parser.add_argument("--run-engine", choices=ENGINES, help=argparse.SUPPRESS)  # in each launched process
     parser.add_argument("--report-dir", help=argparse.SUPPRESS)
@@ -93,7 +101,23 @@ def held_bytes(device: str) -> int:
     return torch.cuda.memory_allocated() if device == "cuda" else resident_bytes()
 
 
-def wrap(engine: str, model, optimizer_params, device: str, zero3_live_parameters: float | None = None):
+def fsdp2_units(unet, units: str) -> list[torch.nn.Module]:
+    """The UNet's modules FSDP2 shards as units of their own (`--fsdp2-units`), innermost first."""
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    if units == "blocks":
+        return blocks
+    parts = ("resnets", "attentions", "downsamplers", "upsamplers")
+    return [layer for block in blocks for part in parts for layer in (getattr(block, part, None) or [])]
+
+
+def wrap(
+    engine: str,
+    model,
+    optimizer_params,
+    device: str,
+    zero3_live_parameters: float | None = None,
+    units: str = "blocks",
+):
     """The model and optimizer as `engine` trains them; returns (model to call, optimizer to step, clip function)."""
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -104,10 +128,9 @@ def wrap(engine: str, model, optimizer_params, device: str, zero3_live_parameter
     if engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        unet = model.base_model.model
         model.to(device)
-        for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks):
-            fully_shard(block)
+        for unit in fsdp2_units(model.base_model.model, units):
+            fully_shard(unit)
         fully_shard(model)
         optimizer = torch.optim.AdamW(optimizer_params(model), lr=1e-4)
         return model, optimizer, lambda: torch.nn.utils.clip_grad_norm_(optimizer_params(model), 1.0)
@@ -155,6 +178,7 @@ def run_engine(args: argparse.Namespace) -> None:
         lambda m: [p for p in m.parameters() if p.requires_grad],
         device,
         args.zero3_live_parameters,
+        args.fsdp2_units,
     )
     training = peft_sara.attach(wrapped, optimizer)
     config = unet.config
@@ -213,6 +237,7 @@ def launch(args: argparse.Namespace, engine: str, report_dir: str) -> list[dict]
     command += ["--steps", str(args.steps), "--target-fraction", str(args.target_fraction)]
     if args.zero3_live_parameters is not None:
         command += ["--zero3-live-parameters", str(args.zero3_live_parameters)]
+    command += ["--fsdp2-units", args.fsdp2_units]
     threads = max(1, (os.cpu_count() or 1) // args.processes)
     env = {**os.environ, **CHILD_ENV, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": args.device}
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)

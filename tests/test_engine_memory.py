@@ -38,6 +38,24 @@ def test_each_engine_is_its_largest_process_against_ddp():
     assert "| zero3 | 2.00 GiB | 3.00 GiB | 0.50 | 0.38 |" in markdown_table(rows)
 
 
+def test_fsdp2_units_are_the_blocks_or_each_of_their_layers():
+    from conftest import tiny_unet
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from benchmarks.engine_memory import fsdp2_units
+
+    unet = tiny_unet()
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    assert fsdp2_units(unet, "blocks") == blocks
+    layers = fsdp2_units(unet, "layers")
+    assert len(layers) > len(blocks) and not set(layers) & set(blocks)
+    assert {type(layer).__name__ for layer in layers} >= {ResnetBlock2D.__name__, "Transformer2DModel"}
+    # every parameter of the blocks lies in one of the layers
+    assert sum(p.numel() for layer in layers for p in layer.parameters()) == sum(
+        p.numel() for block in blocks for p in block.parameters()
+    )
+
+
 @pytest.mark.slow  # four launches of two processes: make test-all
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (make test installs it)")
 def test_ddp_and_zero3_train_the_same_steps_on_two_processes(tmp_path):
