@@ -15,22 +15,15 @@ import os
 import sys
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import unet_inputs  # noqa: E402
+from helpers.fsdp2_resume import CHECKPOINT_AFTER, STEPS, load_checkpoint, save_checkpoint  # noqa: E402
 from helpers.fsdp2_train import sara_model  # noqa: E402
 
 from peft_sara import attach  # noqa: E402
-
-STEPS, CHECKPOINT_AFTER = 4, 2
 
 
 def wrap_blocks(model):
@@ -54,11 +47,7 @@ def main(mode: str, output_dir: str) -> None:
     checkpoint = os.path.join(output_dir, "checkpoint")
     first_step, losses, frozen_gradient = 0, [], 0.0
     if mode == "resume":
-        model_state, optimizer_state = get_state_dict(wrapped, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=checkpoint)
-        set_state_dict(wrapped, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        training.load_state_dict(torch.load(os.path.join(checkpoint, "sara_training.pt")))
+        load_checkpoint(wrapped, optimizer, training, checkpoint)
         first_step = CHECKPOINT_AFTER
     for step in range(first_step, STEPS):
         loss = wrapped(**unet_inputs(model.base_model.model, seed=step)).sample.square().mean()
@@ -72,10 +61,7 @@ def main(mode: str, output_dir: str) -> None:
         optimizer.zero_grad()
         losses.append(loss.detach().item())
         if mode == "straight" and step + 1 == CHECKPOINT_AFTER:
-            model_state, optimizer_state = get_state_dict(wrapped, optimizer)
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
-            if torch.distributed.get_rank() == 0:
-                torch.save(training.state_dict(), os.path.join(checkpoint, "sara_training.pt"))
+            save_checkpoint(wrapped, optimizer, training, checkpoint)
     main_process = torch.distributed.get_rank() == 0
     # the whole model's state, gathered on every process (README: FSDP1); the adapter is its SaRA part
     state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True))
